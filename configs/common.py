@@ -1,0 +1,42 @@
+"""Fields every training config has, with their defaults (not a runnable config).
+
+Named sections (`model`, `adapter`, `objective`, `optimizer`) only need `name` and
+the fields that differ: the rest is filled from that member's defaults when the
+config is loaded (`jaxft list` shows them).
+"""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.steps = 100
+  c.batch_size = 8           # global rows per step (all hosts, all microbatches)
+  c.seq_len = 128
+  c.grad_accum = 1           # microbatches per step; batch_size must divide by it
+  c.log_every = 10
+  c.eval_every = 50          # 0 = no evaluation
+  c.eval_batches = 8
+  c.checkpoint_every = 50
+  c.keep_checkpoints = 3
+  c.compute_dtype = "float32"   # or 'bfloat16' (activations, matmuls)
+  c.param_dtype = "float32"     # master weights; optimizer state follows them
+
+  c.model = ml_collections.ConfigDict({"name": "decoder"})
+  c.adapter = ml_collections.ConfigDict({"name": "full"})
+  c.objective = ml_collections.ConfigDict({"name": "xent"})
+  c.optimizer = ml_collections.ConfigDict({"name": "adamw", "lr": 1e-3})
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  c.data = ml_collections.ConfigDict({
+      "name": "tiny_shakespeare",   # shakespeare | tiny_shakespeare | text | jsonl
+      "path": "",                   # file or glob, for text / jsonl
+      "eval_path": "",
+      "text_field": "text",
+      "on_malformed": "error",      # or 'skip' (counted and reported)
+      "doc_chars": 2000,
+      "eval_fraction": 0.05,
+      "tokenizer": "shakespeare_bpe",
+      "packing": True,
+      "shuffle": True,
+  })
+  return c

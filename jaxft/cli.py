@@ -1,0 +1,136 @@
+"""The `jaxft` command.
+
+    jaxft train NAME[:ARG] --workdir DIR [--config.a.b=VALUE ...]
+    jaxft list
+
+Errors a user can fix (unknown names or keys, bad values, a mesh that does not fit
+the devices, a bad data row, a NaN loss) print one `jaxft: error: ...` message
+and exit with status 1 (2 for a malformed command line).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="jaxft", description="Fine-tune language models in JAX.")
+  sub = p.add_subparsers(dest="command", required=True)
+  t = sub.add_parser("train", help="train a named config; resumes if WORKDIR holds checkpoints",
+                     epilog="Override any config field with --config.a.b=VALUE.")
+  t.add_argument("config", help="config name (see `jaxft list`), NAME:ARG, or a path to a .py file")
+  t.add_argument("--workdir", required=True, help="run directory: metrics.jsonl, checkpoints/")
+  t.add_argument("--cpu_devices", type=int, default=0,
+                 help="split the CPU into this many fake devices (to try meshes without accelerators)")
+  t.add_argument("--no_progress", action="store_true", help="plain log lines instead of a progress bar")
+  g = t.add_argument_group("multi-host (jax.distributed)")
+  g.add_argument("--coordinator", default="", help="host:port of process 0")
+  g.add_argument("--num_processes", type=int, default=0)
+  g.add_argument("--process_id", type=int, default=-1)
+  g.add_argument("--distributed", action="store_true",
+                 help="call jax.distributed.initialize() with the cluster's auto-detected settings "
+                      "(TPU pods, SLURM, ...)")
+  sub.add_parser("list", help="list configs, models, adapters, objectives and optimizers by name")
+  return p
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+  """Separates `--config.a.b=v` / `--config.a.b v` items from the rest of argv."""
+  rest, overrides, i = [], [], 0
+  while i < len(argv):
+    item = argv[i]
+    if item.startswith("--config."):
+      if "=" in item:
+        overrides.append(item[len("--"):])
+      elif i + 1 < len(argv):
+        overrides.append(f"{item[len('--'):]}={argv[i + 1]}")
+        i += 1
+      else:
+        raise SystemExit(f"jaxft: error: {item} needs a value (--config.a.b=VALUE)")
+    else:
+      rest.append(item)
+    i += 1
+  return rest, overrides
+
+
+def _setup_jax(args) -> None:
+  """Backend options that must be set before JAX starts; then multi-host init if asked."""
+  import jax  # pylint: disable=g-import-not-at-top
+  cache = os.environ.get("JAX_COMPILATION_CACHE_DIR",
+                         os.path.join(os.path.expanduser("~"), ".cache", "jaxft", "jax"))
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  if args.cpu_devices:
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+  if args.coordinator or args.num_processes:
+    if not (args.coordinator and args.num_processes > 0 and args.process_id >= 0):
+      raise ValueError("--coordinator, --num_processes and --process_id go together")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=args.coordinator,
+                               num_processes=args.num_processes, process_id=args.process_id)
+  elif args.distributed:
+    jax.distributed.initialize()
+
+
+def _train(args, overrides) -> int:
+  from jaxft import config as config_lib  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.load(args.config, overrides)  # fail on bad config before starting JAX
+  _setup_jax(args)
+  from jaxft import runner  # pylint: disable=g-import-not-at-top
+  runner.run(cfg, args.workdir, progress=False if args.no_progress else None)
+  return 0
+
+
+def _first_line(obj) -> str:
+  doc = (getattr(obj, "__doc__", None) or "").strip()
+  return doc.splitlines()[0] if doc else ""
+
+
+def _list() -> int:
+  import importlib  # pylint: disable=g-import-not-at-top
+  from jaxft import adapters, config as config_lib, models, objectives, optimizers  # pylint: disable=g-import-not-at-top
+  print("configs (jaxft train NAME):")
+  for name in config_lib.config_names():
+    module = importlib.import_module(f"{config_lib.CONFIG_PACKAGE}.{name}")
+    print(f"  {name:<24} {_first_line(module)}")
+  tables = [("models", models.MODELS, models.DEFAULTS), ("adapters", adapters.ADAPTERS, adapters.DEFAULTS),
+            ("objectives", objectives.OBJECTIVES, objectives.DEFAULTS),
+            ("optimizers", optimizers.OPTIMIZERS, optimizers.DEFAULTS)]
+  for title, table, defaults in tables:
+    print(f"{title}:")
+    for name in sorted(table):
+      fields = ", ".join(f"{k}={v!r}" for k, v in defaults[name].items())
+      doc = _first_line(table[name]) if not isinstance(table[name], tuple) else ""
+      print(f"  {name:<24} {doc}")
+      print(f"  {'':<24} fields: {fields}")
+  return 0
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+  from jaxft import checkpoint, runner  # pylint: disable=g-import-not-at-top
+  return (ValueError, KeyError, FileNotFoundError, runner.NonFiniteLossError,
+          checkpoint.CheckpointCorruptError)
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  rest, overrides = _split_overrides(argv)
+  args = _parser().parse_args(rest)
+  if args.command == "list":
+    return _list()
+  USER_ERRORS = _user_errors()  # pylint: disable=invalid-name
+  try:
+    return _train(args, overrides)
+  except KeyboardInterrupt:
+    print("jaxft: interrupted; the newest checkpoint in the workdir resumes the run", file=sys.stderr)
+    return 130
+  except USER_ERRORS as e:
+    if os.environ.get("JAXFT_TRACEBACK"):
+      raise
+    print(f"jaxft: error: {e}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
