@@ -32,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
       "path": "",                   # file or glob, for text / jsonl
       "eval_path": "",
       "text_field": "text",
-      "on_malformed": "error",      # or 'skip' (counted and reported)
+      "on_malformed": "raise",      # or "skip" (counted and reported)
       "doc_chars": 2000,
       "eval_fraction": 0.05,
       "tokenizer": "shakespeare_bpe",

@@ -78,9 +78,9 @@ def _device_batch(batch: dict, shard: jax.sharding.NamedSharding) -> dict:
   return {k: jax.make_array_from_process_local_data(shard, v) for k, v in batch.items()}
 
 
-def evaluate(eval_fn, state, cfg, docs, tokenizer, shard, vocab_size) -> dict:
+def evaluate(eval_fn, state, cfg, rows, tokenizer, shard, vocab_size) -> dict:
   """Perplexity over up to `eval_batches` held-out batches (token-weighted)."""
-  it = data.make_pipeline(docs, tokenizer, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+  it = data.make_pipeline(rows, tokenizer, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                           seed=cfg.seed, vocab_size=vocab_size, shuffle=False, repeat=False,
                           process_index=jax.process_index(), process_count=jax.process_count())
   totals: dict[str, float] = {}
@@ -97,13 +97,24 @@ def evaluate(eval_fn, state, cfg, docs, tokenizer, shard, vocab_size) -> dict:
   return out
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None = None) -> dict:
-  """Trains `cfg` in `workdir`, resuming from its newest valid checkpoint. Returns a summary."""
+def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None = None,
+        devices=None) -> dict:
+  """Trains `cfg` in `workdir`, resuming from its newest valid checkpoint.
+
+  Args:
+    cfg: a resolved config (`jaxft.config.load(name, overrides)`).
+    workdir: run directory; holds metrics.jsonl, config.json and checkpoints/.
+    progress: force the progress bar on/off (default: on when stderr is a terminal).
+    devices: the devices of the mesh (default: all).
+
+  Returns:
+    {'step', 'final' (last logged metrics), 'workdir', 'state' (the final TrainState)}.
+  """
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
 
   # ---------------------------------------------------------------- mesh
-  mesh = sharding.make_mesh(cfg.mesh)
+  mesh = sharding.make_mesh(cfg.mesh, devices)
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
   micro = cfg.batch_size // cfg.grad_accum
   if micro % dp:
@@ -111,13 +122,18 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
         f"batch_size/grad_accum = {micro} rows must divide over data*fsdp = {dp} devices")
 
   # ---------------------------------------------------------------- data
-  data_cfg = cfg.data
+  data_cfg, vocab_size = cfg.data, cfg.model.vocab_size
   tokenizer = data.load_tokenizer(data_cfg.tokenizer)
+  data.check_vocab(tokenizer, vocab_size)
   train_docs = data.load_documents(data_cfg, "train")
-  eval_docs = data.load_documents(data_cfg, "eval") if cfg.eval_every > 0 else []
-  vocab_size = cfg.model.vocab_size
+  train_rows = data.pack_documents(train_docs, tokenizer, seq_len=cfg.seq_len,
+                                   packing=data_cfg.packing)
+  eval_rows = None
+  if cfg.eval_every > 0:
+    eval_rows = data.pack_documents(data.load_documents(data_cfg, "eval"), tokenizer,
+                                    seq_len=cfg.seq_len, packing=data_cfg.packing)
   train_iter = data.make_pipeline(
-      train_docs, tokenizer, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed,
+      train_rows, tokenizer, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed,
       vocab_size=vocab_size, shuffle=data_cfg.shuffle, packing=data_cfg.packing,
       process_index=jax.process_index(), process_count=jax.process_count())
 
@@ -173,10 +189,19 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
       f"jaxft: {cfg.adapter.name} on {cfg.model.name} | trainable params {n_train:,} of {n_total:,} "
       f"({100.0 * n_train / max(n_total, 1):.2f}%) | optimizer state {opt_bytes / 2**20:.2f} MiB | "
       f"mesh {dict(mesh.shape)} | {jax.device_count()} devices, {jax.process_count()} processes")
+  stats = data.data_stats(train_rows)
+  book.message(f"data: {data_cfg.name} train {stats['docs']:,} docs, {stats['tokens']:,} tokens, "
+               f"{stats['rows']:,} rows of {cfg.seq_len} ({100 * stats['fill']:.1f}% filled)"
+               + (f"; eval {eval_rows.num_docs:,} docs" if eval_rows is not None else ""))
+  skipped = train_docs.stats
+  if skipped.skipped:
+    book.message(f"data: skipped {skipped.skipped} malformed rows (data.on_malformed='skip'), "
+                 f"first: {'; '.join(skipped.skipped_at)}")
   for m in book_msgs:
     book.message(m)
   book.write({"step": start, "event": "start", "trainable_params": n_train, "total_params": n_total,
-              "optimizer_state_bytes": opt_bytes, "resumed": restored is not None})
+              "optimizer_state_bytes": opt_bytes, "resumed": restored is not None,
+              "data": stats, "skipped_rows": skipped.skipped})
 
   step = start
   saved_step = start if restored is not None else -1
@@ -207,7 +232,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
           book.message(f"step {step:>6} | loss {last['loss']:.4f} | grad_norm {last['grad_norm']:.3f} "
                        f"| lr {last['learning_rate']:.2e} | {last['tokens_per_s']:,.0f} tok/s")
       if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
-        ev = evaluate(eval_fn, state, cfg, eval_docs, tokenizer, batch_shard, vocab_size)
+        ev = evaluate(eval_fn, state, cfg, eval_rows, tokenizer, batch_shard, vocab_size)
         book.write({"step": step, "split": "eval", **ev})
         book.message(f"step {step:>6} | eval loss {ev.get('loss', float('nan')):.4f} | "
                      f"perplexity {ev['perplexity']:.2f}")
@@ -218,7 +243,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
   finally:
     ckpt.close()
     book.close()
-  return {"step": step, "final": last, "workdir": workdir}
+  return {"step": step, "final": last, "workdir": workdir, "state": state}
 
 
 def _stop_nonfinite(step, metrics, state, ckpt, saved_step, data_state, config_dict, book, cfg):

@@ -105,7 +105,7 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, *, grad_accum:
     denom = jnp.maximum(n, 1.0)
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads_sum)
     metrics = {k: (v if k == "num_tokens" else v / denom) for k, v in m_sum.items()}
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
