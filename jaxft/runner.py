@@ -175,6 +175,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
                     out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
   eval_fn = jax.jit(train.make_eval_step(task, compute_dtype=cfg.compute_dtype),
                     in_shardings=(shardings, batch_shard), out_shardings=sharding.replicated(mesh))
+  t0 = time.perf_counter()
+  abstract_batch = {k: jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), v.dtype,
+                                            sharding=batch_shard)
+                    for k, v in train_rows.arrays.items()}
+  step_fn = step_fn.lower(state, abstract_batch).compile()  # ahead of time: timed, not in step 1
+  compile_s = time.perf_counter() - t0
 
   # ---------------------------------------------------------------- loop
   book = logbook.Logbook(workdir, total_steps=cfg.steps, start_step=start, enabled=is_main,
@@ -188,7 +194,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
   book.message(
       f"jaxft: {cfg.adapter.name} on {cfg.model.name} | trainable params {n_train:,} of {n_total:,} "
       f"({100.0 * n_train / max(n_total, 1):.2f}%) | optimizer state {opt_bytes / 2**20:.2f} MiB | "
-      f"mesh {dict(mesh.shape)} | {jax.device_count()} devices, {jax.process_count()} processes")
+      f"mesh {dict(mesh.shape)} | {jax.device_count()} devices, {jax.process_count()} processes | "
+      f"step compiled in {compile_s:.1f} s")
   stats = data.data_stats(train_rows)
   book.message(f"data: {data_cfg.name} train {stats['docs']:,} docs, {stats['tokens']:,} tokens, "
                f"{stats['rows']:,} rows of {cfg.seq_len} ({100 * stats['fill']:.1f}% filled)"
@@ -201,7 +208,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
     book.message(m)
   book.write({"step": start, "event": "start", "trainable_params": n_train, "total_params": n_total,
               "optimizer_state_bytes": opt_bytes, "resumed": restored is not None,
-              "data": stats, "skipped_rows": skipped.skipped})
+              "data": stats, "skipped_rows": skipped.skipped, "compile_time_s": compile_s})
 
   step = start
   saved_step = start if restored is not None else -1

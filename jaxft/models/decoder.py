@@ -1,0 +1,305 @@
+"""Decoder-only transformer LM family (Llama, Qwen2/3, Gemma 3, GPT-2 layouts).
+
+Pure functions over a nested dict of params:
+
+  params = init(key, cfg)
+  logits_BxLxV = apply(params, tokens_BxL, cfg, positions=..., segment_ids=...)
+  axes = logical_axes(cfg)           # same tree, leaves are tuples of axis names
+
+Per-layer params are stacked on a leading `layers` axis and run under
+`lax.scan`; per-layer differences (sliding window, RoPE base, rng key) travel as
+scanned arrays. Every linear inside a layer, and an untied lm_head, goes through
+the `linear` hook so an adapter can run unmerged without the model knowing it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from jaxft import names
+from jaxft.models import layers
+from jaxft.models.layers import dense
+
+Params = dict[str, Any]
+
+CHOICES = {
+    'norm': ('rms', 'layer'),
+    'pos': ('rope', 'learned', 'none'),
+    'rope_layout': ('half', 'interleaved'),
+    'mlp': ('swiglu', 'geglu', 'gelu'),
+    'remat': ('none', 'full', 'dots'),
+}
+_GLOBAL_WINDOW = jnp.iinfo(jnp.int32).max
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """Architecture of a decoder LM; the defaults are a tiny Llama-like model."""
+  vocab_size: int = 256
+  d_model: int = 64
+  n_layers: int = 2
+  n_heads: int = 4
+  n_kv_heads: int = 4          # < n_heads = grouped-query attention
+  head_dim: int = 16
+  d_ff: int = 256
+  norm: str = 'rms'            # 'rms' | 'layer'
+  norm_eps: float = 1e-5
+  norm_offset: float = 0.0     # scale used as (norm_offset + w): HF Gemma stores w with offset 1.0
+  post_norms: bool = False     # Gemma 3: norm on the attention / MLP output before each residual add
+  qk_norm: bool = False        # RMSNorm over head_dim on q and k (Gemma 3, Qwen3)
+  pos: str = 'rope'            # 'rope' | 'learned' | 'none'
+  rope_layout: str = 'half'    # 'half' (HF rotate-half) | 'interleaved' (pairs (2i, 2i+1))
+  rope_base: float = 10000.0
+  rope_base_local: float = 0.0  # RoPE base of sliding-window layers (Gemma 3: 1e4); 0 = rope_base
+  max_len: int = 2048          # table size for learned positions
+  mlp: str = 'swiglu'          # 'swiglu' | 'geglu' | 'gelu'
+  gelu_approximate: bool = True  # tanh GELU (Gemma, GPT-2 'gelu_new')
+  attn_bias: bool = False      # q/k/v biases (Qwen2, GPT-2)
+  out_bias: bool = False       # attention output-projection bias (GPT-2)
+  mlp_bias: bool = False       # MLP biases (GPT-2)
+  tie_embeddings: bool = True
+  embed_scale: bool = False    # multiply token embeddings by sqrt(d_model) (Gemma)
+  sliding_window: int = 0      # 0 = every layer global
+  global_every: int = 0        # layer i is global iff global_every > 0 and (i+1) % global_every == 0
+  attn_softcap: float = 0.0    # 0 = off; else logits = cap * tanh(logits / cap)
+  final_softcap: float = 0.0
+  query_scale: float = 0.0     # 0 = 1/sqrt(head_dim); Gemma 3: query_pre_attn_scalar**-0.5
+  remat: str = 'none'          # 'none' | 'full' | 'dots' (save only matmuls without batch dims)
+  param_dtype: str = 'float32'
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    for field, choices in CHOICES.items():
+      value = getattr(self, field)
+      if value not in choices:
+        raise ValueError(f"DecoderConfig.{field}={value!r} is invalid; valid choices: "
+                         f"{', '.join(repr(c) for c in choices)}")
+    if self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads:
+      raise ValueError(f"DecoderConfig: n_heads={self.n_heads} must be a positive multiple "
+                       f"of n_kv_heads={self.n_kv_heads}")
+    if self.pos == 'rope' and self.head_dim % 2:
+      raise ValueError(f"DecoderConfig: RoPE needs an even head_dim, got {self.head_dim}")
+    if self.sliding_window < 0 or self.global_every < 0:
+      raise ValueError("DecoderConfig: sliding_window and global_every must be >= 0")
+    try:
+      jnp.dtype(self.param_dtype)
+    except TypeError:
+      raise ValueError(f"DecoderConfig.param_dtype={self.param_dtype!r} is not a dtype") from None
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> 'DecoderConfig':
+    """Builds a config from a dict or ml_collections ConfigDict.
+
+    Unknown keys raise ValueError naming the key, its close matches and every
+    valid key; invalid choice values raise ValueError naming the valid choices.
+    """
+    d = dict(d.to_dict() if hasattr(d, 'to_dict') else d)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key in d:
+      if key not in valid:
+        raise ValueError(names.unknown_message('DecoderConfig field', key, valid))
+    return cls(**d)
+
+  def num_params(self) -> int:
+    """Parameter count in closed form (equals the size of `init`'s tree)."""
+    d, f, h = self.d_model, self.d_ff, self.head_dim
+    qd, kvd = self.n_heads * h, self.n_kv_heads * h
+    norm = d * (2 if self.norm == 'layer' else 1)
+    attn = d * qd + 2 * d * kvd + qd * d
+    attn += (qd + 2 * kvd) * self.attn_bias + d * self.out_bias + 2 * h * self.qk_norm
+    n_in = 1 if self.mlp == 'gelu' else 2
+    mlp = n_in * d * f + f * d + (n_in * f + d) * self.mlp_bias
+    layer = attn + mlp + norm * (4 if self.post_norms else 2)
+    total = self.vocab_size * d + self.n_layers * layer + norm
+    total += self.max_len * d * (self.pos == 'learned')
+    total += d * self.vocab_size * (not self.tie_embeddings)
+    return int(total)
+
+
+# Every config field with its default: completes a config's `model` section.
+DEFAULTS: dict[str, Any] = dataclasses.asdict(DecoderConfig())
+
+
+# ---------------------------------------------------------------------------
+# Param specs: one table drives init, logical_axes (and the tests' counts).
+
+
+class _Spec(NamedTuple):
+  shape: tuple[int, ...]
+  axes: tuple[str, ...]
+  init: str  # 'normal' | 'normal_out' (residual-branch output) | 'scale' | 'zeros'
+
+
+def _linear(din, dout, in_ax, out_ax, bias, bias_ax, l, out=False) -> Params:
+  p = {'kernel': _Spec((l, din, dout), ('layers', in_ax, out_ax), 'normal_out' if out else 'normal')}
+  if bias:
+    p['bias'] = _Spec((l, dout), ('layers', bias_ax), 'zeros')
+  return p
+
+
+def _norm(cfg: DecoderConfig, lead: tuple[int, ...], dim: int, rms_only=False) -> Params:
+  ax = ('layers', 'norm') if lead else ('norm',)
+  p = {'scale': _Spec(lead + (dim,), ax, 'scale')}
+  if cfg.norm == 'layer' and not rms_only:
+    p['bias'] = _Spec(lead + (dim,), ax, 'zeros')
+  return p
+
+
+def _specs(cfg: DecoderConfig) -> Params:
+  """The params tree with a `_Spec` (shape, logical axes, initialiser) per leaf."""
+  l, d, f, h = cfg.n_layers, cfg.d_model, cfg.d_ff, cfg.head_dim
+  qd, kvd = cfg.n_heads * h, cfg.n_kv_heads * h
+  attn = {
+      'q': _linear(d, qd, 'embed', 'heads', cfg.attn_bias, 'heads', l),
+      'k': _linear(d, kvd, 'embed', 'kv_heads', cfg.attn_bias, 'kv_heads', l),
+      'v': _linear(d, kvd, 'embed', 'kv_heads', cfg.attn_bias, 'kv_heads', l),
+      'o': _linear(qd, d, 'heads', 'embed', cfg.out_bias, 'norm', l, out=True),
+  }
+  if cfg.qk_norm:
+    attn['q_norm'] = _norm(cfg, (l,), h, rms_only=True)
+    attn['k_norm'] = _norm(cfg, (l,), h, rms_only=True)
+  mlp = {
+      'up': _linear(d, f, 'embed', 'mlp', cfg.mlp_bias, 'mlp', l),
+      'down': _linear(f, d, 'mlp', 'embed', cfg.mlp_bias, 'norm', l, out=True),
+  }
+  if cfg.mlp != 'gelu':
+    mlp['gate'] = _linear(d, f, 'embed', 'mlp', cfg.mlp_bias, 'mlp', l)
+  layer = {'attn_norm': _norm(cfg, (l,), d), 'attn': attn,
+           'mlp_norm': _norm(cfg, (l,), d), 'mlp': mlp}
+  if cfg.post_norms:
+    layer['attn_post_norm'] = _norm(cfg, (l,), d)
+    layer['mlp_post_norm'] = _norm(cfg, (l,), d)
+  tree = {'embed': {'embedding': _Spec((cfg.vocab_size, d), ('vocab', 'embed'), 'normal')},
+          'layers': layer, 'final_norm': _norm(cfg, (), d)}
+  if cfg.pos == 'learned':
+    tree['pos_embed'] = {'embedding': _Spec((cfg.max_len, d), ('pos', 'embed'), 'normal')}
+  if not cfg.tie_embeddings:
+    tree['lm_head'] = {'kernel': _Spec((d, cfg.vocab_size), ('embed', 'vocab'), 'normal')}
+  return tree
+
+
+def _is_spec(x) -> bool:
+  return isinstance(x, _Spec)
+
+
+def init(key: jax.Array, cfg: DecoderConfig) -> Params:
+  """Random params for `cfg`, in `cfg.param_dtype`.
+
+  Kernels and embeddings ~ normal(init_std) (the o and down projections use
+  init_std / sqrt(2 * n_layers)); norm scales 1 - norm_offset (effective scale 1);
+  biases 0.
+  """
+  specs = _specs(cfg)
+  leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+  keys = jax.random.split(key, len(leaves))
+  dtype = jnp.dtype(cfg.param_dtype)
+  out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+
+  def make(k, s: _Spec):
+    if s.init == 'zeros':
+      return jnp.zeros(s.shape, dtype)
+    if s.init == 'scale':
+      return jnp.full(s.shape, 1.0 - cfg.norm_offset, dtype)
+    std = out_std if s.init == 'normal_out' else cfg.init_std
+    return (std * jax.random.normal(k, s.shape, jnp.float32)).astype(dtype)
+
+  return jax.tree.unflatten(treedef, [make(k, s) for k, s in zip(keys, leaves)])
+
+
+def logical_axes(cfg: DecoderConfig) -> Params:
+  """Same tree as `init(key, cfg)`; each leaf is a tuple of logical axis names."""
+  return jax.tree.map(lambda s: s.axes, _specs(cfg), is_leaf=_is_spec)
+
+
+# ---------------------------------------------------------------------------
+# Forward pass.
+
+
+def layer_schedule(cfg: DecoderConfig) -> tuple[jax.Array, jax.Array]:
+  """Per-layer (window (L,) int32, rope base (L,) float32); global windows are int32 max."""
+  windows, bases = [], []
+  for i in range(cfg.n_layers):
+    is_global = (not cfg.sliding_window
+                 or (cfg.global_every > 0 and (i + 1) % cfg.global_every == 0))
+    windows.append(_GLOBAL_WINDOW if is_global else cfg.sliding_window)
+    local_base = cfg.rope_base_local or cfg.rope_base
+    bases.append(cfg.rope_base if is_global else local_base)
+  return jnp.asarray(windows, jnp.int32), jnp.asarray(bases, jnp.float32)
+
+
+def _block(cfg, linear, positions_BxL, mask_BxLxS):
+  """The scan body: one pre-norm transformer layer."""
+
+  def body(x_BxLxD, xs):
+    p, window, base, rng = xs
+    h_BxLxD = layers.norm(p['attn_norm'], x_BxLxD, cfg)
+    a_BxLxD = layers.attention(p['attn'], h_BxLxD, cfg, positions_BxL=positions_BxL,
+                               mask_BxLxS=mask_BxLxS, window=window, rope_base=base,
+                               rng=rng, linear=linear)
+    if cfg.post_norms:
+      a_BxLxD = layers.norm(p['attn_post_norm'], a_BxLxD, cfg)
+    x_BxLxD = x_BxLxD + a_BxLxD
+    h_BxLxD = layers.norm(p['mlp_norm'], x_BxLxD, cfg)
+    m_BxLxD = layers.mlp(p['mlp'], h_BxLxD, cfg, rng=rng, linear=linear)
+    if cfg.post_norms:
+      m_BxLxD = layers.norm(p['mlp_post_norm'], m_BxLxD, cfg)
+    return x_BxLxD + m_BxLxD, None
+
+  if cfg.remat == 'full':
+    return jax.checkpoint(body, prevent_cse=False)
+  if cfg.remat == 'dots':
+    return jax.checkpoint(body, prevent_cse=False,
+                          policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  return body
+
+
+def apply(params: Params, tokens_BxL: jax.Array, cfg: DecoderConfig, *,
+          positions: Optional[jax.Array] = None, segment_ids: Optional[jax.Array] = None,
+          linear: layers.Linear = dense, rng: Optional[jax.Array] = None) -> jax.Array:
+  """Next-token logits.
+
+  Args:
+    params: a tree like `init`'s (possibly cast, e.g. to bfloat16, and possibly
+      with extra adapter leaves inside linear dicts).
+    tokens_BxL: int token ids.
+    cfg: DecoderConfig.
+    positions: int (B, L) positions for RoPE / learned embeddings; default
+      arange(L). Restart them per document in a packed row.
+    segment_ids: int (B, L); tokens attend only within their segment (padding
+      may use segment 0). None = one segment per row.
+    linear: hook `linear(p, x, name, rng) -> y` for every linear in a layer
+      ('attn/q', ..., 'mlp/down') and an untied 'lm_head'.
+    rng: optional key; the hook gets a distinct fold-in per layer and linear.
+
+  Returns:
+    (B, L, V) float32 logits.
+  """
+  b, l = tokens_BxL.shape
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32)[None], (b, l))
+  x_BxLxD = params['embed']['embedding'][tokens_BxL]
+  if cfg.embed_scale:
+    x_BxLxD = x_BxLxD * jnp.asarray(math.sqrt(cfg.d_model), x_BxLxD.dtype)
+  if cfg.pos == 'learned':
+    x_BxLxD = x_BxLxD + params['pos_embed']['embedding'][positions].astype(x_BxLxD.dtype)
+
+  windows, bases = layer_schedule(cfg)
+  layer_rngs, head_rng = None, None
+  if rng is not None:
+    keys = jax.random.split(rng, cfg.n_layers + 1)
+    layer_rngs, head_rng = keys[:cfg.n_layers], keys[cfg.n_layers]
+  mask_BxLxS = layers.attention_mask(segment_ids, b, l)
+  body = _block(cfg, linear, positions, mask_BxLxS)
+  x_BxLxD, _ = jax.lax.scan(body, x_BxLxD, (params['layers'], windows, bases, layer_rngs))
+
+  x_BxLxD = layers.norm(params['final_norm'], x_BxLxD, cfg)
+  if cfg.tie_embeddings:
+    logits_BxLxV = jnp.einsum('BLD,VD->BLV', x_BxLxD, params['embed']['embedding'],
+                              preferred_element_type=jnp.float32)
+  else:
+    logits_BxLxV = linear(params['lm_head'], x_BxLxD.astype(jnp.float32), 'lm_head', head_rng)
+  return layers.softcap(logits_BxLxV.astype(jnp.float32), cfg.final_softcap)
