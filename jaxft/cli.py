@@ -101,7 +101,8 @@ def _list() -> int:
     print(f"{title}:")
     for name in sorted(table):
       fields = ", ".join(f"{k}={v!r}" for k, v in defaults[name].items())
-      doc = _first_line(table[name]) if not isinstance(table[name], tuple) else ""
+      entry = table[name]
+      doc = _first_line(entry[0] if isinstance(entry, tuple) else entry)
       print(f"  {name:<24} {doc}")
       print(f"  {'':<24} fields: {fields}")
   return 0

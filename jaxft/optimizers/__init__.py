@@ -24,11 +24,13 @@ COMMON = {
 
 
 def _adamw(lr, spec):
+  """AdamW (optax.adamw): Adam with decoupled weight decay."""
   return optax.adamw(lr, b1=spec["b1"], b2=spec["b2"], eps=spec["eps"],
                      weight_decay=spec["weight_decay"])
 
 
 def _sgd(lr, spec):
+  """SGD with (Nesterov) momentum (optax.sgd), optional L2 weight decay."""
   tx = optax.sgd(lr, momentum=spec["momentum"] or None, nesterov=spec["nesterov"])
   if spec["weight_decay"]:
     tx = optax.chain(optax.add_decayed_weights(spec["weight_decay"]), tx)
