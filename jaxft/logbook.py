@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 from typing import Any, Mapping
 
@@ -47,8 +48,9 @@ class Logbook:
     self._file = open(self.path, "a")
     interactive = sys.stderr.isatty() if progress is None else progress
     if interactive:
+      sized = shutil.get_terminal_size((0, 0)).columns > 0  # a pty may report width 0
       self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
-                            dynamic_ncols=True, file=sys.stderr)
+                            dynamic_ncols=sized, ncols=None if sized else 100, file=sys.stderr)
 
   def _truncate_after(self, step: int) -> None:
     """Drops records of steps beyond `step` (written before a crash, redone after resume)."""

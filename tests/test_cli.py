@@ -35,7 +35,9 @@ def test_train_tiny_logs_metrics_evaluates_and_checkpoints(tmp_path):
 
 
 def test_lora_run_learns(tmp_path):
+  """LoRA with bf16 compute and two microbatches per step, end to end."""
   assert train(tmp_path, "--config.adapter.name=lora", "--config.adapter.rank=4",
+               "--config.compute_dtype=bfloat16", "--config.grad_accum=2",
                "--config.steps=12", "--config.optimizer.lr=0.02", "--config.eval_every=0") == 0
   losses = [r["loss"] for r in records(tmp_path)]
   assert losses[-1] < losses[0] - 0.1
