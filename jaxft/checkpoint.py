@@ -35,6 +35,7 @@ verified first.)
 import collections
 import json
 import logging
+import os
 import zlib
 
 import jax
@@ -135,7 +136,8 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, *, keep: int = 3):
-    self.directory = epath.Path(directory)
+    local = "://" not in str(directory)  # orbax needs absolute local paths
+    self.directory = epath.Path(os.path.abspath(directory) if local else directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False)
     self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
     key = str(directory)  # as given: every process passes the same string

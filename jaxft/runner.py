@@ -110,6 +110,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
   Returns:
     {'step', 'final' (last logged metrics), 'workdir', 'state' (the final TrainState)}.
   """
+  workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
 

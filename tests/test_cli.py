@@ -37,17 +37,19 @@ def test_train_tiny_logs_metrics_evaluates_and_checkpoints(tmp_path):
 def test_lora_run_learns(tmp_path):
   """LoRA with bf16 compute and two microbatches per step, end to end."""
   assert train(tmp_path, "--config.adapter.name=lora", "--config.adapter.rank=4",
-               "--config.compute_dtype=bfloat16", "--config.grad_accum=2",
+               "--config.compute_dtype=bfloat16", "--config.grad_accum=2", "--config.mesh.data=4",
+               "--config.mesh.tensor=2",
                "--config.steps=12", "--config.optimizer.lr=0.02", "--config.eval_every=0") == 0
   losses = [r["loss"] for r in records(tmp_path)]
   assert losses[-1] < losses[0] - 0.1
 
 
-def test_resume_continues_from_checkpoint(tmp_path):
-  assert train(tmp_path, "--config.eval_every=0") == 0
-  assert train(tmp_path, "--config.eval_every=0", "--config.steps=9") == 0
-  assert [r["step"] for r in records(tmp_path)] == list(range(1, 10))
-  assert sorted(os.listdir(tmp_path / "checkpoints"), key=int) == ["3", "6", "9"]
+def test_resume_continues_from_checkpoint(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # a relative workdir, as in the README
+  assert train("run", "--config.eval_every=0") == 0
+  assert train("run", "--config.eval_every=0", "--config.steps=9") == 0
+  assert [r["step"] for r in records(tmp_path / "run")] == list(range(1, 10))
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints"), key=int) == ["3", "6", "9"]
 
 
 def test_truncated_newest_checkpoint_falls_back(tmp_path, caplog):
