@@ -29,8 +29,8 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("--num_processes", type=int, default=0)
   g.add_argument("--process_id", type=int, default=-1)
   g.add_argument("--distributed", action="store_true",
-                 help="call jax.distributed.initialize() with the cluster's auto-detected settings "
-                      "(TPU pods, SLURM, ...)")
+                 help="call jax.distributed.initialize() with the cluster's auto-detected settings; "
+                      "done without this flag when a TPU pod's or SLURM's environment is found")
   sub.add_parser("list", help="list configs, models, adapters, objectives and optimizers by name")
   return p
 
@@ -54,6 +54,22 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
   return rest, overrides
 
 
+def cluster_detected(env=None) -> str:
+  """Names the multi-host environment JAX can initialise from by itself, or ''.
+
+  A TPU pod slice sets TPU_WORKER_HOSTNAMES (several hosts, comma-separated); SLURM sets
+  SLURM_NTASKS; an explicit JAX_COORDINATOR_ADDRESS works anywhere.
+  """
+  env = os.environ if env is None else env
+  if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+    return "TPU pod (TPU_WORKER_HOSTNAMES)"
+  if int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+    return "SLURM (SLURM_NTASKS)"
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    return "JAX_COORDINATOR_ADDRESS"
+  return ""
+
+
 def _setup_jax(args) -> None:
   """Backend options that must be set before JAX starts; then multi-host init if asked."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -69,8 +85,8 @@ def _setup_jax(args) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=args.coordinator,
                                num_processes=args.num_processes, process_id=args.process_id)
-  elif args.distributed:
-    jax.distributed.initialize()
+  elif args.distributed or cluster_detected():
+    jax.distributed.initialize()  # reads the cluster's environment
 
 
 def _train(args, overrides) -> int:

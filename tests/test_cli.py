@@ -116,3 +116,11 @@ def test_list_names_everything(capsys):
   for name in ("tiny", "shakespeare", "decoder", "full", "lora", "xent", "adamw"):
     assert name in out
   assert jax.device_count() == 8
+
+
+def test_cluster_environment_detection():
+  assert cli.cluster_detected({}) == ""
+  assert cli.cluster_detected({"TPU_WORKER_HOSTNAMES": "t1"}) == ""  # a single-host TPU VM
+  assert "TPU pod" in cli.cluster_detected({"TPU_WORKER_HOSTNAMES": "t1,t2,t3,t4"})
+  assert "SLURM" in cli.cluster_detected({"SLURM_NTASKS": "4"})
+  assert cli.cluster_detected({"SLURM_NTASKS": "1"}) == ""
