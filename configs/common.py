@@ -17,6 +17,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 10
   c.eval_every = 50          # 0 = no evaluation
   c.eval_batches = 8
+  c.eval_examples = 0        # task accuracy (greedy + verifier) on this many held-out examples
+  c.eval_max_new_tokens = 64
   c.checkpoint_every = 50
   c.keep_checkpoints = 3
   c.compute_dtype = "float32"   # or 'bfloat16' (activations, matmuls)
@@ -35,7 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
       "on_malformed": "raise",      # or "skip" (counted and reported)
       "doc_chars": 2000,
       "eval_fraction": 0.05,
-      "tokenizer": "shakespeare_bpe",
+      "tokenizer": "auto",          # auto: a pretrained model's own, else shakespeare_bpe
+      "chat_template": False,       # SFT tasks: format with the model's chat template
       "packing": True,
       "shuffle": True,
   })

@@ -9,58 +9,18 @@ wrapper. Multi-host: call `jax.distributed.initialize` first (the CLI does).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from jaxft import adapters, checkpoint, data, logbook, models, names, objectives, optimizers
-from jaxft import sharding, train
+from jaxft import adapters, build, checkpoint, data, logbook, optimizers, sharding, train
 
 
 class NonFiniteLossError(RuntimeError):
   """The loss or gradient became NaN/Inf; the run stopped with the last good state saved."""
-
-
-def _section(cfg: ml_collections.ConfigDict, key: str) -> dict[str, Any]:
-  return cfg[key].to_dict()
-
-
-def build_task(cfg):
-  """(model module, model config, Task) from a resolved config."""
-  model = names.lookup(models.MODELS, cfg.model.name, "model")
-  model_fields = {k: v for k, v in cfg.model.to_dict().items() if k != "name"}
-  mcfg = model.DecoderConfig.from_dict(model_fields)
-  adapter = names.lookup(adapters.ADAPTERS, cfg.adapter.name, "adapter")
-  objective = names.lookup(objectives.OBJECTIVES, cfg.objective.name, "objective")
-  apply = lambda params, tokens, **kw: model.apply(params, tokens, mcfg, **kw)
-  task = train.Task(apply, adapter, _section(cfg, "adapter"), objective.loss_fn,
-                    _section(cfg, "objective"))
-  return model, mcfg, task
-
-
-def state_shardings(abstract: train.TrainState, model, mcfg, task: train.Task, tx, mesh):
-  """NamedShardings for every leaf of the train state, from the logical-axis rules."""
-  frozen_axes, trainable_axes = task.adapter.logical_axes(
-      model.logical_axes(mcfg), abstract.trainable, task.adapter_spec)
-  frozen = sharding.tree_shardings(frozen_axes, abstract.frozen, mesh)
-  trainable = sharding.tree_shardings(trainable_axes, abstract.trainable, mesh)
-  rep = sharding.replicated(mesh)
-  opt = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, trainable,
-                              transform_non_params=lambda _: rep)
-  return train.TrainState(rep, frozen, trainable, opt, rep)
-
-
-def _checkpointed(state: train.TrainState) -> dict:
-  """What a checkpoint holds of the state (frozen params are rebuilt from the config)."""
-  return {"step": state.step, "trainable": state.trainable, "opt_state": state.opt_state,
-          "rng": state.rng}
 
 
 def _config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -122,40 +82,29 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
     raise sharding.MeshError(
         f"batch_size/grad_accum = {micro} rows must divide over data*fsdp = {dp} devices")
 
-  # ---------------------------------------------------------------- data
-  data_cfg, vocab_size = cfg.data, cfg.model.vocab_size
-  tokenizer = data.load_tokenizer(data_cfg.tokenizer)
+  # ---------------------------------------------------------------- model + data
+  model = build.load_model(cfg)
+  vocab_size = model.cfg.vocab_size
+  tokenizer = build.tokenizer_for(cfg, model)
   data.check_vocab(tokenizer, vocab_size)
-  train_docs = data.load_documents(data_cfg, "train")
-  train_rows = data.pack_documents(train_docs, tokenizer, seq_len=cfg.seq_len,
-                                   packing=data_cfg.packing)
-  eval_rows = None
-  if cfg.eval_every > 0:
-    eval_rows = data.pack_documents(data.load_documents(data_cfg, "eval"), tokenizer,
-                                    seq_len=cfg.seq_len, packing=data_cfg.packing)
+  train_split = build.make_split(cfg, "train", tokenizer, model)
+  eval_split = build.make_split(cfg, "eval", tokenizer, model) if cfg.eval_every > 0 else None
+  train_rows = train_split.rows
+  eval_rows = eval_split.rows if eval_split else None
   train_iter = data.make_pipeline(
       train_rows, tokenizer, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed,
-      vocab_size=vocab_size, shuffle=data_cfg.shuffle, packing=data_cfg.packing,
+      vocab_size=vocab_size, shuffle=cfg.data.shuffle, packing=cfg.data.packing,
       process_index=jax.process_index(), process_count=jax.process_count())
 
-  # ---------------------------------------------------------------- model + adapter + optimizer
-  model, mcfg, task = build_task(cfg)
-  tx, schedule = optimizers.build(_section(cfg, "optimizer"), cfg.steps)
-  init_fn = lambda key: train.init_state(
-      key, lambda k: model.init(k, mcfg), task.adapter, task.adapter_spec, tx,
-      param_dtype=cfg.param_dtype)
+  # ---------------------------------------------------------------- adapter + optimizer
+  task = build.build_task(cfg, model)
+  tx, schedule = optimizers.build(build.section(cfg, "optimizer"), cfg.steps)
 
   # ---------------------------------------------------------------- sharded state
-  key = jax.random.PRNGKey(cfg.seed)
-  abstract = jax.eval_shape(init_fn, key)
-  shardings = state_shardings(abstract, model, mcfg, task, tx, mesh)
-  state = jax.jit(init_fn, out_shardings=shardings)(key)
+  state, shardings, abstract = build.init_sharded_state(cfg, model, task, tx, mesh)
 
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
-  abstract_ckpt = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      _checkpointed(abstract), _checkpointed(shardings))
-  restored = ckpt.restore_latest(abstract_ckpt)
+  restored = ckpt.restore_latest(build.abstract_checkpoint(abstract, shardings))
   config_dict = json.loads(cfg.to_json())
   start = 0
   book_msgs = []
@@ -193,15 +142,15 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
   n_total = n_train + adapters.count_params(state.frozen)
   opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
   book.message(
-      f"jaxft: {cfg.adapter.name} on {cfg.model.name} | trainable params {n_train:,} of {n_total:,} "
+      f"jaxft: {cfg.adapter.name} on {cfg.model.get('pretrained') or cfg.model.name} | trainable params {n_train:,} of {n_total:,} "
       f"({100.0 * n_train / max(n_total, 1):.2f}%) | optimizer state {opt_bytes / 2**20:.2f} MiB | "
       f"mesh {dict(mesh.shape)} | {jax.device_count()} devices, {jax.process_count()} processes | "
       f"step compiled in {compile_s:.1f} s")
   stats = data.data_stats(train_rows)
-  book.message(f"data: {data_cfg.name} train {stats['docs']:,} docs, {stats['tokens']:,} tokens, "
+  book.message(f"data: {cfg.data.name} train {stats['docs']:,} docs, {stats['tokens']:,} tokens, "
                f"{stats['rows']:,} rows of {cfg.seq_len} ({100 * stats['fill']:.1f}% filled)"
                + (f"; eval {eval_rows.num_docs:,} docs" if eval_rows is not None else ""))
-  skipped = train_docs.stats
+  skipped = train_split.stats
   if skipped.skipped:
     book.message(f"data: skipped {skipped.skipped} malformed rows (data.on_malformed='skip'), "
                  f"first: {'; '.join(skipped.skipped_at)}")
@@ -215,7 +164,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
   saved_step = start if restored is not None else -1
   tokens_per_step = cfg.batch_size * cfg.seq_len
   last = {}
+  accuracy = _accuracy_fn(cfg, model, task, tokenizer, eval_split, book)
   try:
+    if accuracy is not None and restored is None:
+      accuracy(state, 0)  # the "before" number of every fine-tuning table
     while step < cfg.steps:
       t0 = time.perf_counter()
       data_state = train_iter.get_state()  # before this batch: what a save after a NaN keeps
@@ -244,8 +196,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
         book.write({"step": step, "split": "eval", **ev})
         book.message(f"step {step:>6} | eval loss {ev.get('loss', float('nan')):.4f} | "
                      f"perplexity {ev['perplexity']:.2f}")
+        if accuracy is not None:
+          accuracy(state, step)
       if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-        ckpt.save(step, _checkpointed(state), data_state=train_iter.get_state(), config=config_dict)
+        ckpt.save(step, build.checkpointed(state), data_state=train_iter.get_state(),
+                  config=config_dict)
         saved_step = step
     ckpt.wait()
   finally:
@@ -254,11 +209,37 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
   return {"step": step, "final": last, "workdir": workdir, "state": state}
 
 
+def _accuracy_fn(cfg, model: build.Model, task: train.Task, tokenizer, eval_split, book):
+  """`fn(state, step)` that logs held-out task accuracy (greedy + verifier), or None."""
+  if eval_split is None or eval_split.examples is None or cfg.eval_examples <= 0:
+    return None
+  from jaxft import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  examples = list(eval_split.examples)[:cfg.eval_examples]
+  stop_ids = tuple(model.meta.get("stop_ids", ())) or (data.special_ids(tokenizer)["eos"],)
+  merge = jax.jit(lambda frozen, trainable: task.adapter.merge(frozen, trainable,
+                                                               task.adapter_spec))
+
+  def fn(state, step):
+    params = merge(state.frozen, state.trainable)
+    res = evaluate_lib.task_accuracy(
+        params, model.cfg, tokenizer, examples, render=build.renderer(cfg, model),
+        stop_ids=stop_ids,
+        batch_size=min(len(examples), 32), max_new_tokens=cfg.eval_max_new_tokens,
+        progress=book.interactive)
+    book.write({"step": step, "split": "eval", "task_accuracy": res["accuracy"], "n": res["n"],
+                "eval_seconds": res["seconds"], "samples": res["samples"][:3]})
+    book.message(f"step {step:>6} | task accuracy {res['accuracy']:.3f} on {res['n']} held-out "
+                 f"examples ({res['seconds']:.0f} s)")
+    return res
+
+  return fn
+
+
 def _stop_nonfinite(step, metrics, state, ckpt, saved_step, data_state, config_dict, book, cfg):
   """Saves the last good state (the step did not apply the update) and raises."""
   good = int(jax.device_get(state.step))
   if good != saved_step and good > 0:
-    ckpt.save(good, _checkpointed(state), data_state=data_state, config=config_dict)
+    ckpt.save(good, build.checkpointed(state), data_state=data_state, config=config_dict)
     ckpt.wait()
   where = f"saved at step {good}" if good > 0 else "nothing to save (no update had been applied)"
   msg = (f"non-finite loss at step {step}: loss={float(metrics['loss'])}, "

@@ -11,6 +11,8 @@ MODELS = {
     'decoder': decoder,
 }
 # Config fields (`model.<field>`) and defaults of each model, for configs and `jaxft list`.
-DEFAULTS = {name: module.DEFAULTS for name, module in MODELS.items()}
+# `pretrained`: a registered name (`smollm2-135m-instruct`, `gemma3-270m`), a .gguf file or an
+# HF checkpoint directory; when set, the architecture fields come from the checkpoint.
+DEFAULTS = {name: {**module.DEFAULTS, 'pretrained': ''} for name, module in MODELS.items()}
 
 __all__ = ['MODELS', 'DEFAULTS', 'DecoderConfig', 'decoder']

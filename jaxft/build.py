@@ -1,0 +1,173 @@
+"""Building the parts of a run from a resolved config: model, tokenizer, data splits, task,
+sharded train state; and loading a finished run's merged params back from its workdir.
+
+Shared by the training loop (`jaxft.runner`), `jaxft export / generate / eval` and notebooks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, NamedTuple
+
+import jax
+import ml_collections
+import optax
+
+from jaxft import adapters, checkpoint, data, models, names, objectives, optimizers
+from jaxft import sharding, train
+
+
+def section(cfg: ml_collections.ConfigDict, key: str) -> dict[str, Any]:
+  return cfg[key].to_dict()
+
+
+class Model(NamedTuple):
+  """A model to train: its module, config, host params (None = init from scratch), tokenizer, meta."""
+  module: Any
+  cfg: Any
+  params: Any
+  tokenizer: Any
+  meta: dict
+
+
+def load_model(cfg) -> Model:
+  """The config's model: built from `model.*` fields, or loaded from `model.pretrained`."""
+  module = names.lookup(models.MODELS, cfg.model.name, "model")
+  fields = {k: v for k, v in cfg.model.to_dict().items() if k not in ("name", "pretrained")}
+  if not cfg.model.get("pretrained"):
+    return Model(module, module.DecoderConfig.from_dict(fields), None, None, {})
+  from jaxft.models import pretrained  # pylint: disable=g-import-not-at-top
+  pcfg, params, tokenizer, meta = pretrained.load(cfg.model.pretrained, dtype=cfg.param_dtype)
+  # Architecture comes from the checkpoint; how to run it (remat) from the config.
+  pcfg = dataclasses.replace(pcfg, remat=fields["remat"])
+  return Model(module, pcfg, params, tokenizer, meta)
+
+
+def tokenizer_for(cfg, model: Model):
+  """data.tokenizer 'auto' = the pretrained model's own, else the built-in BPE."""
+  name = cfg.data.tokenizer
+  if model.tokenizer is not None:
+    if name not in ("auto", "model"):
+      raise ValueError(f"data.tokenizer={name!r} but model.pretrained={cfg.model.pretrained!r} "
+                       "has its own tokenizer; set data.tokenizer='auto'")
+    return model.tokenizer
+  return data.load_tokenizer("shakespeare_bpe" if name in ("auto", "model") else name)
+
+
+def renderer(cfg, model: Model):
+  """(prompt, response) -> (prompt_text, full_text) through the model's chat template, or None."""
+  template = model.meta.get("chat_template")
+  if not cfg.data.get("chat_template", False) or not template:
+    return None
+  from jaxft.data import chat  # pylint: disable=g-import-not-at-top
+  return lambda prompt, response: chat.sft_strings(template, prompt, response)
+
+
+class Split(NamedTuple):
+  rows: Any                 # data.PackedRows
+  examples: Any             # the task examples (None for plain text)
+  stats: Any                # data.SourceStats of the read (skipped rows)
+
+
+def make_split(cfg, split: str, tokenizer, model: Model) -> Split:
+  """Packed rows of a split: SFT examples (prompt masked) for tasks, documents for text."""
+  if cfg.data.name in getattr(data, "TASKS", {}):  # TODO(lead): plain data.TASKS once it lands
+    examples = data.load_examples(cfg.data, split)
+    render = renderer(cfg, model)
+    eos = None if render else data.special_ids(tokenizer)["eos"]
+    rows = data.pack_examples(examples, tokenizer, seq_len=cfg.seq_len, render=render,
+                              eos_id=eos, packing=cfg.data.packing)
+    return Split(rows, examples, getattr(examples, "stats", data.SourceStats()))
+  docs = data.load_documents(cfg.data, split)
+  rows = data.pack_documents(docs, tokenizer, seq_len=cfg.seq_len, packing=cfg.data.packing)
+  return Split(rows, None, docs.stats)
+
+
+def build_task(cfg, model: Model):
+  """Task (apply + adapter + objective) from a resolved config and its model."""
+  module, mcfg = model.module, model.cfg
+  adapter = names.lookup(adapters.ADAPTERS, cfg.adapter.name, "adapter")
+  objective = names.lookup(objectives.OBJECTIVES, cfg.objective.name, "objective")
+  apply = lambda params, tokens, **kw: module.apply(params, tokens, mcfg, **kw)
+  return train.Task(apply, adapter, section(cfg, "adapter"), objective.loss_fn,
+                    section(cfg, "objective"))
+
+
+def init_sharded_state(cfg, model: Model, task: train.Task, tx, mesh):
+  """(state, shardings, abstract state): the TrainState built directly in its shardings.
+
+  Params come from `model.params` (pretrained, passed as a jit argument, never baked
+  into the program) or are initialised from `cfg.seed` inside the jitted init.
+  """
+
+  def init_fn(key, host_params):
+    init_params = ((lambda k: model.module.init(k, model.cfg)) if host_params is None
+                   else (lambda k: host_params))
+    return train.init_state(key, init_params, task.adapter, task.adapter_spec, tx,
+                            param_dtype=cfg.param_dtype)
+
+  key = jax.random.PRNGKey(cfg.seed)
+  abstract = jax.eval_shape(init_fn, key, model.params)
+  shardings = state_shardings(abstract, model.module, model.cfg, task, tx, mesh)
+  state = jax.jit(init_fn, out_shardings=shardings)(key, model.params)
+  return state, shardings, abstract
+
+
+def abstract_checkpoint(abstract: train.TrainState, shardings: train.TrainState):
+  """The restore target: checkpointed leaves as ShapeDtypeStructs carrying their shardings."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      checkpointed(abstract), checkpointed(shardings))
+
+
+def state_shardings(abstract: train.TrainState, model, mcfg, task: train.Task, tx, mesh):
+  """NamedShardings for every leaf of the train state, from the logical-axis rules."""
+  frozen_axes, trainable_axes = task.adapter.logical_axes(
+      model.logical_axes(mcfg), abstract.trainable, task.adapter_spec)
+  frozen = sharding.tree_shardings(frozen_axes, abstract.frozen, mesh)
+  trainable = sharding.tree_shardings(trainable_axes, abstract.trainable, mesh)
+  rep = sharding.replicated(mesh)
+  opt = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, trainable,
+                              transform_non_params=lambda _: rep)
+  return train.TrainState(rep, frozen, trainable, opt, rep)
+
+
+def checkpointed(state: train.TrainState) -> dict:
+  """What a checkpoint holds of the state (frozen params are rebuilt from the config)."""
+  return {"step": state.step, "trainable": state.trainable, "opt_state": state.opt_state,
+          "rng": state.rng}
+
+
+def config_of_run(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a run saved in `workdir/config.json`."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir} holds no config.json: not a jaxft run directory")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_params(workdir: str, devices=None):
+  """(cfg, Model with merged params of the newest valid checkpoint, tokenizer, step).
+
+  The adapter is merged into the base weights, so the result runs (and exports)
+  as a plain model.
+  """
+  cfg = config_of_run(workdir)
+  devices = devices or [jax.devices()[0]]
+  mesh = sharding.make_mesh({"data": len(devices), "fsdp": 1, "tensor": 1}, devices)
+  model = load_model(cfg)
+  task = build_task(cfg, model)
+  tx, _ = optimizers.build(section(cfg, "optimizer"), cfg.steps)
+  state, shardings, abstract = init_sharded_state(cfg, model, task, tx, mesh)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
+  try:
+    restored = ckpt.restore_latest(abstract_checkpoint(abstract, shardings))
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint to load")
+  step, saved, _, _ = restored
+  params = jax.jit(lambda f, t: task.adapter.merge(f, t, task.adapter_spec))(
+      state.frozen, saved["trainable"])
+  return cfg, model._replace(params=params), tokenizer_for(cfg, model), step
