@@ -1,0 +1,116 @@
+"""The `jaxft export`, `jaxft generate` and `jaxft eval` commands (the CLI parses, these act).
+
+Each takes either a run directory (the run's config, its newest valid checkpoint, the
+adapter merged into the base weights) or a model name / path.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+
+from jaxft import build, config as config_lib, data, evaluate, objectives
+from jaxft.models import decoder, generate as generate_lib
+
+
+def _is_run(target: str) -> bool:
+  return os.path.isdir(target) and os.path.exists(os.path.join(target, "config.json"))
+
+
+def load_target(target: str, config_name: str = "", overrides=()):
+  """(cfg or None, build.Model with params, tokenizer, step) for a run dir or a model name/path."""
+  if _is_run(target):
+    cfg, model, tokenizer, step = build.restore_params(target)
+    for item in overrides:  # eval-time fields (eval_examples, data.*) may change
+      key, value = item.split("=", 1)
+      config_lib.set_value(cfg, key.removeprefix("--").removeprefix("config."), value)
+    return cfg, model, tokenizer, step
+  from jaxft.models import pretrained  # pylint: disable=g-import-not-at-top
+  cfg = None
+  if config_name:
+    cfg = config_lib.load(config_name, [f"model.pretrained={target}", *overrides])
+  mcfg, params, tokenizer, meta = pretrained.load(target)
+  return cfg, build.Model(decoder, mcfg, params, tokenizer, meta), tokenizer, 0
+
+
+def export(workdir: str, *, fmt: str, out: str) -> int:
+  """Writes the run's model (adapter merged) as an HF checkpoint directory."""
+  if fmt != "hf":
+    raise ValueError(f"unknown export format {fmt!r} (valid: hf)")
+  if not _is_run(workdir):
+    raise FileNotFoundError(f"{workdir} is not a jaxft run directory (no config.json)")
+  from jaxft.models import hf  # pylint: disable=g-import-not-at-top
+  _, model, tokenizer, step = build.restore_params(workdir)
+  hf.save_hf(out, model.cfg, jax.device_get(model.params),
+             architecture=model.meta.get("architecture", "llama"), tokenizer=tokenizer,
+             chat_template=model.meta.get("chat_template"))
+  print(f"exported step {step} of {workdir} to {out} (HF format, adapter merged)")
+  return 0
+
+
+def generate(target: str, prompts: list[str], *, max_new_tokens: int, temperature: float,
+             top_k: int, top_p: float, seed: int, raw: bool) -> int:
+  """Prints one completion per prompt (chat-templated unless `raw` or the model has none)."""
+  _, model, tokenizer, _ = load_target(target)
+  template = model.meta.get("chat_template")
+  if template and not raw:
+    from jaxft.data import chat  # pylint: disable=g-import-not-at-top
+    texts = [chat.render(template, [{"role": "user", "content": p}], add_generation_prompt=True)
+             for p in prompts]
+  else:
+    texts = prompts
+  stop_ids = tuple(model.meta.get("stop_ids", ())) or (data.special_ids(tokenizer)["eos"],)
+  outs = generate_lib.generate_text(
+      model.params, model.cfg, tokenizer, texts, max_new_tokens=max_new_tokens,
+      temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stop_ids,
+      rng=jax.random.PRNGKey(seed))
+  for prompt, out in zip(prompts, outs):
+    if len(prompts) > 1:
+      print(f"### {prompt}")
+    print(out)
+  return 0
+
+
+def perplexity(params, mcfg, rows, tokenizer, *, batch_size: int, max_batches: int) -> dict:
+  """Token-weighted held-out cross entropy and perplexity of plain params."""
+  step = jax.jit(lambda p, b: objectives.xent.loss_fn(
+      decoder.apply(p, b["tokens"], mcfg, positions=b["positions"],
+                    segment_ids=b["segment_ids"]), b)[1])
+  it = data.make_pipeline(rows, tokenizer, batch_size=batch_size, seq_len=rows.arrays[
+      "tokens"].shape[1], seed=0, vocab_size=mcfg.vocab_size, shuffle=False, repeat=False)
+  loss_sum = tokens = 0.0
+  for i, batch in enumerate(it):
+    if i >= max_batches:
+      break
+    m = jax.device_get(step(params, batch))
+    loss_sum += float(m["xent"]) * float(m["num_tokens"])
+    tokens += float(m["num_tokens"])
+  xent = loss_sum / max(tokens, 1.0)
+  return {"xent": xent, "perplexity": float(np.exp(xent)), "num_tokens": tokens}
+
+
+def eval_command(target: str, *, config_name: str, overrides, out: str) -> int:
+  """Perplexity on the config's eval split and, for tasks, verifier accuracy; JSON out."""
+  cfg, model, tokenizer, step = load_target(target, config_name, overrides)
+  if cfg is None:
+    raise ValueError(f"{target!r} is a model, not a run directory: name a config for its data "
+                     "with --config NAME (e.g. --config smollm2_lora_math)")
+  split = build.make_split(cfg, "eval", tokenizer, model)
+  result = {"target": target, "step": step, "data": cfg.data.name,
+            **perplexity(model.params, model.cfg, split.rows, tokenizer,
+                         batch_size=cfg.batch_size, max_batches=cfg.eval_batches)}
+  if split.examples is not None and cfg.eval_examples > 0:
+    stop_ids = tuple(model.meta.get("stop_ids", ())) or (data.special_ids(tokenizer)["eos"],)
+    result["task"] = evaluate.task_accuracy(
+        model.params, model.cfg, tokenizer, list(split.examples)[:cfg.eval_examples],
+        render=build.renderer(cfg, model), stop_ids=stop_ids,
+        max_new_tokens=cfg.eval_max_new_tokens, progress=sys.stderr.isatty())
+  text = json.dumps(result, indent=1)
+  if out:
+    with open(out, "w") as f:
+      f.write(text + "\n")
+  print(text)
+  return 0
