@@ -5,6 +5,7 @@ the fields that differ: the rest is filled from that member's defaults when the
 config is loaded (`jaxft list` shows them).
 """
 import ml_collections
+from ml_collections import config_dict
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -41,5 +42,13 @@ def base_config() -> ml_collections.ConfigDict:
       "chat_template": False,       # SFT tasks: format with the model's chat template
       "packing": True,
       "shuffle": True,
+      # Task sources (SFT examples: gsm8k, reasoning_gym, natural_instructions, ...):
+      "generator": "basic_arithmetic",   # reasoning_gym generator
+      "generator_kwargs": "{}",          # JSON object of generator options
+      "train_size": config_dict.placeholder(int),  # unset = the loader's default
+      "eval_size": config_dict.placeholder(int),
+      "task_seed": 0,
+      "prompt_field": "prompt",          # jsonl_examples / parquet_examples
+      "response_field": "response",
   })
   return c

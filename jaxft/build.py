@@ -72,7 +72,7 @@ class Split(NamedTuple):
 
 def make_split(cfg, split: str, tokenizer, model: Model) -> Split:
   """Packed rows of a split: SFT examples (prompt masked) for tasks, documents for text."""
-  if cfg.data.name in getattr(data, "TASKS", {}):  # TODO(lead): plain data.TASKS once it lands
+  if cfg.data.name in data.TASKS:
     examples = data.load_examples(cfg.data, split)
     render = renderer(cfg, model)
     eos = None if render else data.special_ids(tokenizer)["eos"]

@@ -1,7 +1,7 @@
 """Evaluation: held-out perplexity and task accuracy with a verifier.
 
 `task_accuracy` generates greedily (batched, KV cache) for held-out prompts and
-scores each completion with the example's verifier (`jaxft.data.score`): the math
+scores each completion with the example's verifier (`score`): the math
 answer checker for GSM8K-style references, reasoning-gym's own `score_answer` for
 its generators. Results are plain dicts, written as JSON by the CLI.
 """
@@ -13,8 +13,24 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import tqdm
 
-from jaxft import data
+from jaxft.data import verify
+from jaxft.data.sources import math_tasks
 from jaxft.models import decoder, generate
+
+
+def score(example, text: str) -> float:
+  """Verifier score in [0, 1] of a completion for an example.
+
+  reasoning-gym examples use the generator's own `score_answer` on the extracted
+  answer; examples with a numeric reference (GSM8K) use `verify.is_correct`.
+  """
+  meta = example.meta
+  answer = verify.extract_answer(text)
+  if "entry" in meta:
+    return math_tasks.example_score(example, answer if answer is not None else text.strip())
+  if "answer" in meta:
+    return float(verify.is_correct(text, meta["answer"]))
+  raise ValueError(f"no verifier for this example (meta keys: {sorted(meta)})")
 
 
 def prompts_for(examples: Sequence[Any], tokenizer, render: Callable | None,
@@ -33,7 +49,7 @@ def task_accuracy(params, cfg: decoder.DecoderConfig, tokenizer, examples: Seque
                   render: Callable | None = None, stop_ids=(), linear=decoder.dense,
                   batch_size: int = 16, max_new_tokens: int = 64, fewshot: Sequence[Any] = (),
                   keep_samples: int = 5, progress: bool = False) -> dict:
-  """Greedy accuracy of `params` on `examples` (each scored by `data.score`).
+  """Greedy accuracy of `params` on `examples` (each scored by `score`).
 
   Returns {'accuracy', 'correct', 'n', 'seconds', 'samples': [{prompt, output, reference, ok}]}.
   """
@@ -51,7 +67,7 @@ def task_accuracy(params, cfg: decoder.DecoderConfig, tokenizer, examples: Seque
     for i, ex in enumerate(examples[start:start + len(chunk)]):
       kept = [int(t) for t, m in zip(tokens[i], mask[i]) if m and int(t) not in stop_ids]
       text = tokenizer.decode(kept, skip_special_tokens=True)
-      ok = float(data.score(ex, text))
+      ok = score(ex, text)
       correct += ok
       if len(samples) < keep_samples:
         samples.append({"prompt": ex.prompt, "output": text, "reference": ex.response, "ok": ok})

@@ -11,7 +11,8 @@ Row fields, all shape (rows, seq_len):
   tokens, targets   int32, pad id where no chunk is
   segment_ids       int32, 1, 2, ... per chunk in the row, 0 for padding
   positions         int32, restarting at 0 at each chunk, 0 for padding
-  loss_mask         float32, 1 on every real pair, 0 on padding
+  loss_mask         float32, 1 on every real pair (or the pair's target mask,
+                    see `pack`), 0 on padding
 
 Every next-token pair of every document is in exactly one row cell, and no
 target ever crosses a document boundary (each chunk's targets come from its own
@@ -36,6 +37,7 @@ class PackedRows(NamedTuple):
   num_tokens: int  # tokens including bos/eos
   num_chunks: int
   pad_id: int
+  report: dict | None = None  # source-specific counts (e.g. SFT truncations)
 
   @property
   def num_rows(self) -> int:
@@ -95,8 +97,14 @@ def best_fit(sizes: np.ndarray, seq_len: int):
 
 
 def pack(docs_tokens: Sequence[np.ndarray], seq_len: int, pad_id: int,
-         packing: bool = True) -> dict:
-  """The row arrays (see module docstring) for tokenised documents."""
+         packing: bool = True,
+         target_masks: Sequence[np.ndarray] | None = None) -> dict:
+  """The row arrays (see module docstring) for tokenised documents.
+
+  `target_masks` (one per document, as long as its tokens) weights the pair
+  predicting token i by `mask[i]`, e.g. 0 on prompt tokens for SFT; by default
+  every pair has loss_mask 1. Padding is always 0.
+  """
   if seq_len <= 0:
     raise ValueError(f"seq_len must be positive, got {seq_len}")
   lengths = np.array([len(t) for t in docs_tokens], np.int64)
@@ -121,7 +129,13 @@ def pack(docs_tokens: Sequence[np.ndarray], seq_len: int, pad_id: int,
   out["targets"].flat[dst] = flat[src[rep] + within + 1]
   out["segment_ids"].flat[dst] = seg[rep]
   out["positions"].flat[dst] = within
-  out["loss_mask"].flat[dst] = 1.0
+  if target_masks is None:
+    out["loss_mask"].flat[dst] = 1.0
+  else:
+    masks = np.concatenate(target_masks).astype(np.float32)
+    if len(masks) != len(flat):
+      raise ValueError("target_masks must match the documents' token counts")
+    out["loss_mask"].flat[dst] = masks[src[rep] + within + 1]
   return out
 
 

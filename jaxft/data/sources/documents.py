@@ -31,7 +31,7 @@ SPLITS = ("train", "eval")
 ON_MALFORMED = ("raise", "skip")
 MAX_REPORTED = 5  # how many skipped-row locations a stats record keeps
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 SAMPLE_FILE = ASSETS / "shakespeare_sample.txt"
 # The sample's works (in this order), all from the train split of `shakespeare`.
 SAMPLE_WORKS = ("comedy_of_errors", "macbeth")
@@ -51,6 +51,7 @@ class SourceStats:
   rows: int = 0  # rows / paragraphs-documents kept, before the split
   skipped: int = 0  # malformed rows skipped (on_malformed='skip')
   skipped_at: list[str] = dataclasses.field(default_factory=list)  # 'file:line: why'
+  overlap: int = 0  # train items dropped because the same item is in eval
 
   def record_skip(self, where: str) -> None:
     self.skipped += 1
