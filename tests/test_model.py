@@ -445,4 +445,6 @@ def test_config_from_dict():
 
 def test_models_table():
   assert models.MODELS == {'decoder': decoder} and models.DecoderConfig is DecoderConfig
-  assert DecoderConfig.from_dict(models.DEFAULTS['decoder']) == DecoderConfig()
+  fields = {k: v for k, v in models.DEFAULTS['decoder'].items() if k != 'pretrained'}
+  assert DecoderConfig.from_dict(fields) == DecoderConfig()
+  assert models.DEFAULTS['decoder']['pretrained'] == ''  # the config field naming a checkpoint

@@ -4,6 +4,7 @@ Pure functions over a nested dict of params:
 
   params = init(key, cfg)
   logits_BxLxV = apply(params, tokens_BxL, cfg, positions=..., segment_ids=...)
+  logits_BxLxV, cache = apply(..., cache=init_cache(cfg, B, S))   # KV-cached decoding
   axes = logical_axes(cfg)           # same tree, leaves are tuples of axis names
 
 Per-layer params are stacked on a leading `layers` axis and run under
@@ -231,15 +232,18 @@ def layer_schedule(cfg: DecoderConfig) -> tuple[jax.Array, jax.Array]:
   return jnp.asarray(windows, jnp.int32), jnp.asarray(bases, jnp.float32)
 
 
-def _block(cfg, linear, positions_BxL, mask_BxLxS):
-  """The scan body: one pre-norm transformer layer."""
+def _block(cfg, linear, positions_BxL, mask_BxLxS, cache_slots=None):
+  """The scan body: one pre-norm transformer layer. xs = (layer params, window,
+  rope base, rng[, k slab, v slab]); with `cache_slots` = (index, positions_BxS),
+  ys = the updated (k, v) slabs, else None."""
 
   def body(x_BxLxD, xs):
-    p, window, base, rng = xs
-    h_BxLxD = layers.norm(p['attn_norm'], x_BxLxD, cfg)
-    a_BxLxD = layers.attention(p['attn'], h_BxLxD, cfg, positions_BxL=positions_BxL,
-                               mask_BxLxS=mask_BxLxS, window=window, rope_base=base,
-                               rng=rng, linear=linear)
+    p, window, base, rng, *slabs = xs
+    kv_cache = None if cache_slots is None else layers.KVCache(*slabs, *cache_slots)
+    out = layers.attention(p['attn'], layers.norm(p['attn_norm'], x_BxLxD, cfg), cfg,
+                           positions_BxL=positions_BxL, mask_BxLxS=mask_BxLxS, window=window,
+                           rope_base=base, rng=rng, linear=linear, kv_cache=kv_cache)
+    a_BxLxD, ys = (out, None) if kv_cache is None else out
     if cfg.post_norms:
       a_BxLxD = layers.norm(p['attn_post_norm'], a_BxLxD, cfg)
     x_BxLxD = x_BxLxD + a_BxLxD
@@ -247,7 +251,7 @@ def _block(cfg, linear, positions_BxL, mask_BxLxS):
     m_BxLxD = layers.mlp(p['mlp'], h_BxLxD, cfg, rng=rng, linear=linear)
     if cfg.post_norms:
       m_BxLxD = layers.norm(p['mlp_post_norm'], m_BxLxD, cfg)
-    return x_BxLxD + m_BxLxD, None
+    return x_BxLxD + m_BxLxD, ys
 
   if cfg.remat == 'full':
     return jax.checkpoint(body, prevent_cse=False)
@@ -257,10 +261,43 @@ def _block(cfg, linear, positions_BxL, mask_BxLxS):
   return body
 
 
+def init_cache(cfg: DecoderConfig, batch: int, max_len: int,
+               dtype: Any = None) -> Params:
+  """An empty KV cache of `max_len` slots per row, for `apply(..., cache=...)`.
+
+  Layout (k and v stacked over layers like the params, so they scan with them):
+    k, v: (L, B, S, K, H) in `dtype` (default cfg.param_dtype): keys after q/k
+      norm and RoPE, and values.
+    positions: (B, S) int32, the position of the token in each slot; -1 = empty.
+    segment_ids: (B, S) int32, its segment (left padding uses 0, tokens 1).
+    index: () int32, the number of slots written (where the next write goes).
+  A slot is visible to a query iff it is written, at or before the query's slot,
+  in the same segment, and (sliding-window layers) within the window by position.
+  """
+  dtype = jnp.dtype(dtype or cfg.param_dtype)
+  kv = jnp.zeros((cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim), dtype)
+  return {'k': kv, 'v': kv, 'positions': jnp.full((batch, max_len), -1, jnp.int32),
+          'segment_ids': jnp.zeros((batch, max_len), jnp.int32),
+          'index': jnp.zeros((), jnp.int32)}
+
+
+def _cache_mask(cache: Params, index: jax.Array, positions_BxL: jax.Array,
+                segment_ids_BxL: jax.Array):
+  """Writes the new tokens' bookkeeping; -> (bookkeeping, mask_BxLxS over cache slots)."""
+  write = lambda old, new: jax.lax.dynamic_update_slice(
+      old, new.astype(jnp.int32), (jnp.zeros((), jnp.int32), index))
+  pos_BxS = write(cache['positions'], positions_BxL)
+  seg_BxS = write(cache['segment_ids'], segment_ids_BxL)
+  mask_BxLxS = layers.cache_mask(segment_ids_BxL, seg_BxS, pos_BxS, index)
+  return {'positions': pos_BxS, 'segment_ids': seg_BxS,
+          'index': index + positions_BxL.shape[1]}, mask_BxLxS
+
+
 def apply(params: Params, tokens_BxL: jax.Array, cfg: DecoderConfig, *,
           positions: Optional[jax.Array] = None, segment_ids: Optional[jax.Array] = None,
-          linear: layers.Linear = dense, rng: Optional[jax.Array] = None) -> jax.Array:
-  """Next-token logits.
+          cache: Optional[Params] = None, cache_index: Optional[jax.Array] = None,
+          linear: layers.Linear = dense, rng: Optional[jax.Array] = None) -> Any:
+  """Next-token logits; with a KV cache, also the updated cache.
 
   Args:
     params: a tree like `init`'s (possibly cast, e.g. to bfloat16, and possibly
@@ -268,19 +305,27 @@ def apply(params: Params, tokens_BxL: jax.Array, cfg: DecoderConfig, *,
     tokens_BxL: int token ids.
     cfg: DecoderConfig.
     positions: int (B, L) positions for RoPE / learned embeddings; default
-      arange(L). Restart them per document in a packed row.
+      arange(L) (with a cache: cache_index + arange(L)). Restart them per
+      document in a packed row.
     segment_ids: int (B, L); tokens attend only within their segment (padding
-      may use segment 0). None = one segment per row.
+      may use segment 0). None = one segment per row (with a cache: segment 1).
+    cache: optional KV cache from `init_cache` (or a previous call). The tokens
+      are written at slots [cache_index, cache_index + L) (prefill: many tokens;
+      decode: one) and attend to every visible earlier slot. Keep
+      cache_index + L <= S: a write past the end is clamped onto the last slots.
+    cache_index: int32 scalar slot of the first token; None = cache['index'].
     linear: hook `linear(p, x, name, rng) -> y` for every linear in a layer
       ('attn/q', ..., 'mlp/down') and an untied 'lm_head'.
     rng: optional key; the hook gets a distinct fold-in per layer and linear.
 
   Returns:
-    (B, L, V) float32 logits.
+    (B, L, V) float32 logits; with a cache, (logits, updated cache).
   """
   b, l = tokens_BxL.shape
+  index = 0 if cache is None else jnp.asarray(
+      cache['index'] if cache_index is None else cache_index, jnp.int32)
   if positions is None:
-    positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32)[None], (b, l))
+    positions = jnp.broadcast_to((index + jnp.arange(l, dtype=jnp.int32))[None], (b, l))
   x_BxLxD = params['embed']['embedding'][tokens_BxL]
   if cfg.embed_scale:
     x_BxLxD = x_BxLxD * jnp.asarray(math.sqrt(cfg.d_model), x_BxLxD.dtype)
@@ -292,9 +337,18 @@ def apply(params: Params, tokens_BxL: jax.Array, cfg: DecoderConfig, *,
   if rng is not None:
     keys = jax.random.split(rng, cfg.n_layers + 1)
     layer_rngs, head_rng = keys[:cfg.n_layers], keys[cfg.n_layers]
-  mask_BxLxS = layers.attention_mask(segment_ids, b, l)
-  body = _block(cfg, linear, positions, mask_BxLxS)
-  x_BxLxD, _ = jax.lax.scan(body, x_BxLxD, (params['layers'], windows, bases, layer_rngs))
+  xs = (params['layers'], windows, bases, layer_rngs)
+  if cache is None:
+    mask_BxLxS = layers.attention_mask(segment_ids, b, l)
+    body = _block(cfg, linear, positions, mask_BxLxS)
+    x_BxLxD, _ = jax.lax.scan(body, x_BxLxD, xs)
+  else:
+    if segment_ids is None:
+      segment_ids = jnp.ones((b, l), jnp.int32)
+    new_cache, mask_BxLxS = _cache_mask(cache, index, positions, segment_ids)
+    body = _block(cfg, linear, positions, mask_BxLxS, (index, new_cache['positions']))
+    x_BxLxD, (new_cache['k'], new_cache['v']) = jax.lax.scan(
+        body, x_BxLxD, xs + (cache['k'], cache['v']))
 
   x_BxLxD = layers.norm(params['final_norm'], x_BxLxD, cfg)
   if cfg.tie_embeddings:
@@ -302,4 +356,5 @@ def apply(params: Params, tokens_BxL: jax.Array, cfg: DecoderConfig, *,
                               preferred_element_type=jnp.float32)
   else:
     logits_BxLxV = linear(params['lm_head'], x_BxLxD.astype(jnp.float32), 'lm_head', head_rng)
-  return layers.softcap(logits_BxLxV.astype(jnp.float32), cfg.final_softcap)
+  logits_BxLxV = layers.softcap(logits_BxLxV.astype(jnp.float32), cfg.final_softcap)
+  return logits_BxLxV if cache is None else (logits_BxLxV, new_cache)

@@ -11,7 +11,7 @@ in float32 and cast back.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -129,9 +129,44 @@ def attention_mask(segment_ids_BxL: Optional[jax.Array], b: int, l: int) -> jax.
   return mask_BxLxS
 
 
+def cache_mask(segment_ids_BxL: jax.Array, key_segment_ids_BxS: jax.Array,
+               key_positions_BxS: jax.Array, index: jax.Array) -> jax.Array:
+  """(B, L, S) bool over cache slots for L queries at slots [index, index + L).
+
+  Slot s is visible iff it is written (position >= 0), not after the query's slot,
+  and in the query's segment (so real tokens never see left padding).
+  """
+  l, s = segment_ids_BxL.shape[1], key_positions_BxS.shape[1]
+  causal_LxS = jnp.arange(s)[None, :] <= (index + jnp.arange(l))[:, None]
+  return (causal_LxS[None] & (key_positions_BxS >= 0)[:, None, :]
+          & (segment_ids_BxL[:, :, None] == key_segment_ids_BxS[:, None, :]))
+
+
+class KVCache(NamedTuple):
+  """One layer's view of the KV cache, as `attention` reads and writes it.
+
+  k_BxSxKxH, v_BxSxKxH: keys (after q/k norm and RoPE) and values of S slots.
+  index: int32 scalar, the slot the first of the L new tokens is written at.
+  positions_BxS: position of the token in every slot, the new ones included
+    (unwritten slots hold -1 and must be masked by the caller's mask_BxLxS).
+  """
+  k_BxSxKxH: jax.Array
+  v_BxSxKxH: jax.Array
+  index: jax.Array
+  positions_BxS: jax.Array
+
+
+def _write(cache_BxSxKxH: jax.Array, new_BxLxKxH: jax.Array, index: jax.Array) -> jax.Array:
+  """The cache slab with `new` written at slots [index, index + L)."""
+  zero = jnp.zeros((), jnp.int32)
+  start = (zero, jnp.asarray(index, jnp.int32), zero, zero)
+  return jax.lax.dynamic_update_slice(cache_BxSxKxH, new_BxLxKxH.astype(cache_BxSxKxH.dtype), start)
+
+
 def attention(p: Params, x_BxLxD: jax.Array, cfg, *, positions_BxL: jax.Array,
               mask_BxLxS: jax.Array, window: jax.Array, rope_base: jax.Array,
-              rng: Optional[jax.Array], linear: Linear) -> jax.Array:
+              rng: Optional[jax.Array], linear: Linear,
+              kv_cache: Optional[KVCache] = None) -> Any:
   """Grouped-query self-attention of one layer.
 
   Args:
@@ -139,14 +174,19 @@ def attention(p: Params, x_BxLxD: jax.Array, cfg, *, positions_BxL: jax.Array,
     x_BxLxD: normed input.
     cfg: DecoderConfig.
     positions_BxL: positions for RoPE.
-    mask_BxLxS: causal & segment mask shared by all layers.
-    window: int scalar; key k is visible to query q only if q - k < window.
+    mask_BxLxS: causal & segment mask shared by all layers; with `kv_cache`,
+      over the S cache slots (see `KVCache`).
+    window: int scalar; key k is visible to query q only if q - k < window
+      (distance in row index without a cache, in position with one).
     rope_base: float scalar RoPE base of this layer.
     rng: this layer's key (or None); each linear gets a fold_in of it.
     linear: the linear hook.
+    kv_cache: optional `KVCache` of this layer: the L new keys / values are
+      written at slots [index, index + L) and the queries attend over all S slots.
 
   Returns:
-    (B, L, D) attention output (after the output projection).
+    (B, L, D) attention output (after the output projection); with `kv_cache`,
+    `(output, (k_BxSxKxH, v_BxSxKxH))` with the updated cache slabs.
   """
   b, l, _ = x_BxLxD.shape
   n, k, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -161,18 +201,26 @@ def attention(p: Params, x_BxLxD: jax.Array, cfg, *, positions_BxL: jax.Array,
   if cfg.pos == 'rope':
     q_BxLxNxH = rope(q_BxLxNxH, positions_BxL, rope_base, cfg.rope_layout)
     k_BxSxKxH = rope(k_BxSxKxH, positions_BxL, rope_base, cfg.rope_layout)
+  if kv_cache is not None:
+    k_BxSxKxH = _write(kv_cache.k_BxSxKxH, k_BxSxKxH, kv_cache.index)
+    v_BxSxKxH = _write(kv_cache.v_BxSxKxH, v_BxSxKxH, kv_cache.index)
   q_BxLxKxGxH = q_BxLxNxH.reshape(b, l, k, g, h)
   logits_BxKxGxLxS = jnp.einsum('BLKGH,BSKH->BKGLS', q_BxLxKxGxH, k_BxSxKxH,
                                 preferred_element_type=jnp.float32)
   scale = cfg.query_scale or h ** -0.5
   logits_BxKxGxLxS = softcap(logits_BxKxGxLxS * scale, cfg.attn_softcap)
-  idx = jnp.arange(l)
-  in_window_LxS = (idx[:, None] - idx[None, :]) < window
-  mask_BxLxS = mask_BxLxS & in_window_LxS[None]
+  if kv_cache is None:
+    idx = jnp.arange(l)
+    in_window_LxS = (idx[:, None] - idx[None, :]) < window
+    mask_BxLxS = mask_BxLxS & in_window_LxS[None]
+  else:
+    mask_BxLxS = mask_BxLxS & (
+        (positions_BxL[:, :, None] - kv_cache.positions_BxS[:, None, :]) < window)
   logits_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxKxGxLxS, _NEG_INF)
   probs_BxKxGxLxS = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(v_BxSxKxH.dtype)
   out_BxLxKxGxH = jnp.einsum('BKGLS,BSKH->BLKGH', probs_BxKxGxLxS, v_BxSxKxH)
-  return call('attn/o', out_BxLxKxGxH.reshape(b, l, n * h))
+  out_BxLxD = call('attn/o', out_BxLxKxGxH.reshape(b, l, n * h))
+  return out_BxLxD if kv_cache is None else (out_BxLxD, (k_BxSxKxH, v_BxSxKxH))
 
 
 def mlp(p: Params, x_BxLxD: jax.Array, cfg, *, rng: Optional[jax.Array],
