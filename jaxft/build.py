@@ -55,6 +55,16 @@ def tokenizer_for(cfg, model: Model):
   return data.load_tokenizer("shakespeare_bpe" if name in ("auto", "model") else name)
 
 
+def special_ids(model: Model, tokenizer) -> dict:
+  """{pad, bos, eos}: the checkpoint's own ids when it names them (GGUF metadata), else by name."""
+  return model.meta.get("special_ids") or data.special_ids(tokenizer)
+
+
+def stop_ids(model: Model, tokenizer) -> tuple[int, ...]:
+  """Token ids that end a generation: the checkpoint's (eos, end-of-turn) or the eos."""
+  return tuple(model.meta.get("stop_ids", ())) or (special_ids(model, tokenizer)["eos"],)
+
+
 def renderer(cfg, model: Model):
   """(prompt, response) -> (prompt_text, full_text) through the model's chat template, or None."""
   template = model.meta.get("chat_template")
@@ -75,7 +85,7 @@ def make_split(cfg, split: str, tokenizer, model: Model) -> Split:
   if cfg.data.name in data.TASKS:
     examples = data.load_examples(cfg.data, split)
     render = renderer(cfg, model)
-    eos = None if render else data.special_ids(tokenizer)["eos"]
+    eos = None if render else special_ids(model, tokenizer)["eos"]
     rows = data.pack_examples(examples, tokenizer, seq_len=cfg.seq_len, render=render,
                               eos_id=eos, packing=cfg.data.packing)
     return Split(rows, examples, getattr(examples, "stats", data.SourceStats()))

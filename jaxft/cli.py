@@ -138,6 +138,11 @@ def _list() -> int:
   for name in config_lib.config_names():
     module = importlib.import_module(f"{config_lib.CONFIG_PACKAGE}.{name}")
     print(f"  {name:<24} {_first_line(module)}")
+  from jaxft.models import pretrained  # pylint: disable=g-import-not-at-top
+  print("pretrained models (model.pretrained=NAME, jaxft generate --model NAME; or a path):")
+  for name, entry in sorted(pretrained.PRETRAINED.items()):
+    print(f"  {name:<24} {entry.description}")
+    print(f"  {'':<24} install: {entry.install}")
   tables = [("models", models.MODELS, models.DEFAULTS), ("adapters", adapters.ADAPTERS, adapters.DEFAULTS),
             ("objectives", objectives.OBJECTIVES, objectives.DEFAULTS),
             ("optimizers", optimizers.OPTIMIZERS, optimizers.DEFAULTS)]

@@ -62,7 +62,7 @@ def generate(target: str, prompts: list[str], *, max_new_tokens: int, temperatur
              for p in prompts]
   else:
     texts = prompts
-  stop_ids = tuple(model.meta.get("stop_ids", ())) or (data.special_ids(tokenizer)["eos"],)
+  stop_ids = build.stop_ids(model, tokenizer)
   outs = generate_lib.generate_text(
       model.params, model.cfg, tokenizer, texts, max_new_tokens=max_new_tokens,
       temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stop_ids,
@@ -103,7 +103,7 @@ def eval_command(target: str, *, config_name: str, overrides, out: str) -> int:
             **perplexity(model.params, model.cfg, split.rows, tokenizer,
                          batch_size=cfg.batch_size, max_batches=cfg.eval_batches)}
   if split.examples is not None and cfg.eval_examples > 0:
-    stop_ids = tuple(model.meta.get("stop_ids", ())) or (data.special_ids(tokenizer)["eos"],)
+    stop_ids = build.stop_ids(model, tokenizer)
     result["task"] = evaluate.task_accuracy(
         model.params, model.cfg, tokenizer, list(split.examples)[:cfg.eval_examples],
         render=build.renderer(cfg, model), stop_ids=stop_ids,

@@ -215,7 +215,7 @@ def _accuracy_fn(cfg, model: build.Model, task: train.Task, tokenizer, eval_spli
     return None
   from jaxft import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   examples = list(eval_split.examples)[:cfg.eval_examples]
-  stop_ids = tuple(model.meta.get("stop_ids", ())) or (data.special_ids(tokenizer)["eos"],)
+  stop_ids = build.stop_ids(model, tokenizer)
   merge = jax.jit(lambda frozen, trainable: task.adapter.merge(frozen, trainable,
                                                                task.adapter_spec))
 
