@@ -46,7 +46,8 @@ def export(workdir: str, *, fmt: str, out: str) -> int:
   _, model, tokenizer, step = build.restore_params(workdir)
   hf.save_hf(out, model.cfg, jax.device_get(model.params),
              architecture=model.meta.get("architecture", "llama"), tokenizer=tokenizer,
-             chat_template=model.meta.get("chat_template"))
+             chat_template=model.meta.get("chat_template"),
+             special_ids=build.special_ids(model, tokenizer))
   print(f"exported step {step} of {workdir} to {out} (HF format, adapter merged)")
   return 0
 
@@ -94,10 +95,10 @@ def perplexity(params, mcfg, rows, tokenizer, *, batch_size: int, max_batches: i
 
 def eval_command(target: str, *, config_name: str, overrides, out: str) -> int:
   """Perplexity on the config's eval split and, for tasks, verifier accuracy; JSON out."""
-  cfg, model, tokenizer, step = load_target(target, config_name, overrides)
-  if cfg is None:
+  if not _is_run(target) and not config_name:
     raise ValueError(f"{target!r} is a model, not a run directory: name a config for its data "
                      "with --config NAME (e.g. --config smollm2_lora_math)")
+  cfg, model, tokenizer, step = load_target(target, config_name, overrides)
   split = build.make_split(cfg, "eval", tokenizer, model)
   result = {"target": target, "step": step, "data": cfg.data.name,
             **perplexity(model.params, model.cfg, split.rows, tokenizer,
