@@ -68,45 +68,115 @@ def _microbatches(batch, n: int):
   return jax.tree.map(split, batch)
 
 
+def _accumulate(fn, batch, rng, n: int):
+  """Sum of `fn(microbatch, key)` (a tree of float sums) over `n` microbatches."""
+  if n == 1:
+    return fn(batch, rng)
+  mbs = _microbatches(batch, n)
+  keys = jax.random.split(rng, n)
+  shapes = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], mbs), rng)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+
+  def body(acc, mb_and_key):
+    out = fn(*mb_and_key)
+    return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, out), None
+
+  return jax.lax.scan(body, zeros, (mbs, keys))[0]
+
+
+def _mean_kl(logits_p, logits_q, mask):
+  """Token sum of KL(softmax(p) || softmax(q)) over `mask` (float32)."""
+  lp = jax.nn.log_softmax(logits_p.astype(jnp.float32), axis=-1)
+  lq = jax.nn.log_softmax(logits_q.astype(jnp.float32), axis=-1)
+  kl = jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
+  return jnp.sum(kl * mask)
+
+
 def make_train_step(task: Task, tx: optax.GradientTransformation, *, grad_accum: int = 1,
                     compute_dtype: str = "float32"):
-  """Returns the pure `step(state, batch) -> (state, metrics)`."""
+  """Returns the pure `step(state, batch) -> (state, metrics)`.
+
+  Two kinds of step, picked from the optimizer state's structure at trace time:
+
+  * gradient (the default): backprop, then `tx.update(grads, opt_state, params,
+    grad_fn=..., kl_fn=...)`. The extra arguments let sharpness-aware optimizers
+    (`jaxft.optimizers.sharpness`) take a second gradient on the same batch:
+    `grad_fn(trainable)` is the token-mean gradient there, and `kl_fn(p, q,
+    noise_std)` the token-mean KL(f(x; p) || f(x~; q)), x~ the input with
+    N(0, noise_std^2) added to the token-embedding table. Other optimizers ignore them.
+  * zeroth-order (the state holds a `jaxft.optimizers.zo.ZORecord`): no backprop;
+    `tx.update(zeros, opt_state, params, loss_fn=...)` with `loss_fn(trainable)`
+    the token-mean loss on this batch, evaluated by the optimizer at theta +- eps z.
+  """
+  from jaxft.optimizers import zo  # pylint: disable=g-import-not-at-top
   dtype = DTYPES[compute_dtype]
+  tx = optax.with_extra_args_support(tx)
   grad_fn = jax.value_and_grad(
       lambda tr, fr, b, r: loss_and_metrics(task, tr, fr, b, r, dtype), has_aux=True)
 
-  def gradients(state, batch, rng):
-    if grad_accum == 1:
-      (_, metrics), grads = grad_fn(state.trainable, state.frozen, batch, rng)
-      return grads, _weighted(metrics)
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.trainable)
+  def gradients(trainable, frozen, batch, rng):
+    """(gradient sums in float32, weighted metric sums)."""
+    def one(mb, key):
+      (_, m), g = grad_fn(trainable, frozen, mb, key)
+      return jax.tree.map(lambda x: x.astype(jnp.float32), g), _weighted(m)
+    g_sum, m_sum = _accumulate(one, batch, rng, grad_accum)
+    return jax.tree.map(lambda g, p: g.astype(p.dtype), g_sum, trainable), m_sum
 
-    def body(carry, mb_and_key):
-      g_sum, m_sum = carry
-      mb, key = mb_and_key
-      (_, m), g = grad_fn(state.trainable, state.frozen, mb, key)
-      g_sum = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_sum, g)
-      m_sum = jax.tree.map(jnp.add, m_sum, _weighted(m))
-      return (g_sum, m_sum), None
+  def mean_grads(trainable, frozen, batch, rng):
+    grads_sum, m_sum = gradients(trainable, frozen, batch, rng)
+    denom = jnp.maximum(m_sum["num_tokens"], 1.0)
+    grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads_sum)
+    return grads, {k: (v if k == "num_tokens" else v / denom) for k, v in m_sum.items()}
 
-    mbs = _microbatches(batch, grad_accum)
-    keys = jax.random.split(rng, grad_accum)
-    m0 = jax.tree.map(lambda x: jnp.zeros((), jnp.float32),
-                      jax.eval_shape(lambda: grad_fn(state.trainable, state.frozen,
-                                                     jax.tree.map(lambda x: x[0], mbs), rng)[0][1]))
-    (g_sum, m_sum), _ = jax.lax.scan(body, (zeros, m0), (mbs, keys))
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), g_sum, state.trainable)
-    return grads, m_sum
+  def mean_loss(trainable, frozen, batch, rng):
+    def one(mb, key):
+      loss_sum, m = loss_and_metrics(task, trainable, frozen, mb, key, dtype)
+      return {"loss": loss_sum, "num_tokens": m["num_tokens"]}
+    s = _accumulate(one, batch, rng, grad_accum)
+    return s["loss"] / jnp.maximum(s["num_tokens"], 1.0)
+
+  def logits(trainable, frozen, tokens, noise):
+    params = cast_floating(task.adapter.combine(frozen, trainable, task.adapter_spec), dtype)
+    if noise is not None:
+      if "embed" not in params or "embedding" not in params["embed"]:
+        raise ValueError("kl_fn with noise_std > 0 needs params['embed']['embedding']")
+      std, key = noise
+      table = params["embed"]["embedding"]
+      params = {**params, "embed": {**params["embed"], "embedding": table + (
+          std * jax.random.normal(key, table.shape, jnp.float32)).astype(table.dtype)}}
+    return task.apply(params, tokens, linear=task.adapter.linear_hook(task.adapter_spec), rng=None)
+
+  def mean_kl(p, q, noise_std, frozen, batch, rng):
+    def one(mb, key):
+      mask = mb.get("loss_mask", jnp.ones(mb["tokens"].shape, jnp.float32)).astype(jnp.float32)
+      noise = (noise_std, key) if noise_std else None
+      lp = logits(p, frozen, mb["tokens"], None)
+      lq = logits(q, frozen, mb["tokens"], noise)
+      return {"kl": _mean_kl(lp, lq, mask), "n": jnp.sum(mask)}
+    s = _accumulate(one, batch, jax.random.fold_in(rng, 1), grad_accum)
+    return jax.lax.stop_gradient(s["kl"] / jnp.maximum(s["n"], 1.0))
+
+  def gradient_update(state, batch, rng):
+    grads, metrics = mean_grads(state.trainable, state.frozen, batch, rng)
+    grad_norm = optax.tree.norm(grads)
+    extra = {"grad_fn": lambda tr: mean_grads(tr, state.frozen, batch, rng)[0],
+             "kl_fn": lambda p, q, noise_std=0.0: mean_kl(p, q, noise_std, state.frozen, batch, rng)}
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable, **extra)
+    return updates, opt_state, metrics, grad_norm
+
+  def zeroth_order_update(state, batch, rng):
+    zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+    loss_fn = lambda tr: mean_loss(tr, state.frozen, batch, rng)
+    updates, opt_state = tx.update(zeros, state.opt_state, state.trainable, loss_fn=loss_fn)
+    rec = zo.find_record(opt_state)
+    n = jnp.sum(batch["loss_mask"]).astype(jnp.float32) if "loss_mask" in batch else jnp.float32(
+        batch["tokens"].size)
+    return updates, opt_state, {"loss": rec.loss, "num_tokens": n}, jnp.abs(rec.grad)
 
   def step(state: TrainState, batch):
     rng, step_rng = jax.random.split(state.rng)
-    grads_sum, m_sum = gradients(state, batch, step_rng)
-    n = m_sum["num_tokens"]
-    denom = jnp.maximum(n, 1.0)
-    grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads_sum)
-    metrics = {k: (v if k == "num_tokens" else v / denom) for k, v in m_sum.items()}
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    kind = zeroth_order_update if zo.find_record(state.opt_state) is not None else gradient_update
+    updates, opt_state, metrics, grad_norm = kind(state, batch, step_rng)
     trainable = optax.apply_updates(state.trainable, updates)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     # On a non-finite loss or gradient nothing changes: the state stays the last good one.
@@ -131,9 +201,14 @@ def make_eval_step(task: Task, *, compute_dtype: str = "float32"):
   return eval_step
 
 
-def init_state(key, init_params: Callable, adapter, adapter_spec, tx, *, param_dtype="float32"):
-  """Builds a TrainState from a params initialiser (pure: jit it with out_shardings)."""
+def init_state(key, init_params: Callable, adapter, adapter_spec, tx, *, param_dtype="float32",
+               calib=None):
+  """Builds a TrainState from a params initialiser (pure: jit it with out_shardings).
+
+  `calib` is passed to the adapter's `init` (data-driven initialisers: EVA, CorDA,
+  LoRA-GA, ...); None for the others.
+  """
   k_model, k_adapter, k_rng = jax.random.split(key, 3)
   params = cast_floating(init_params(k_model), DTYPES[param_dtype])
-  frozen, trainable = adapter.init(k_adapter, params, adapter_spec)
+  frozen, trainable = adapter.init(k_adapter, params, adapter_spec, calib)
   return TrainState(jnp.zeros((), jnp.int32), frozen, trainable, tx.init(trainable), k_rng)
