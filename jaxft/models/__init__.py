@@ -5,10 +5,12 @@
   params = model.init(key, models.DecoderConfig())
 """
 from jaxft.models import decoder
+from jaxft.models import hyena
 from jaxft.models.decoder import DecoderConfig
 
 MODELS = {
     'decoder': decoder,
+    'hyena': hyena,
 }
 # Config fields (`model.<field>`) and defaults of each model, for configs and `jaxft list`.
 # `pretrained`: a registered name (`smollm2-135m-instruct`, `gemma3-270m`), a .gguf file or an
