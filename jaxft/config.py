@@ -138,14 +138,24 @@ def set_value(cfg: ml_collections.ConfigDict, key: str, text: str) -> None:
     raise ConfigError(f"config key {key!r}: {e}") from None
 
 
-def complete_sections(cfg: ml_collections.ConfigDict) -> None:
-  """Fills each named section with its member's defaults; rejects foreign fields."""
+def complete_sections(cfg: ml_collections.ConfigDict, switched: Iterable[str] = ()) -> None:
+  """Fills each named section with its member's defaults; rejects foreign fields.
+
+  Sections in `switched` had their member renamed on the command line (e.g.
+  `--config.adapter.name=dora` on a LoRA config): the config file's fields the new
+  member does not have are dropped rather than rejected (fields it shares, such as
+  `rank` or `targets`, are kept).
+  """
   for section, table in _section_defaults().items():
     if section not in cfg:
       continue
     sub = cfg[section]
     member = sub.get("name")
     defaults = names.lookup(table, member, f"{section}.name")
+    if section in switched:
+      with sub.unlocked():
+        for field in [f for f in sub.keys() if f != "name" and f not in defaults]:
+          del sub[field]
     for field in sub.keys():
       if field != "name" and field not in defaults:
         raise ConfigError(names.unknown_message(
@@ -171,10 +181,15 @@ def load(name_arg: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigD
   first = [(k, v) for k, v in pairs if k.endswith(".name") and k.count(".") == 1]
   rest = [(k, v) for k, v in pairs if (k, v) not in first]
   cfg.lock()
+  switched = set()
   for key, value in first:
+    section = key.split(".")[0]
+    before = cfg[section].get("name") if section in cfg else None
     set_value(cfg, key, value)
+    if section in cfg and cfg[section].get("name") != before:
+      switched.add(section)
   try:
-    complete_sections(cfg)
+    complete_sections(cfg, switched)
   except names.UnknownNameError as e:
     raise ConfigError(str(e)) from None
   for key, value in rest:

@@ -68,3 +68,15 @@ def test_config_from_path(tmp_path):
                   "  return c\n")
   assert config_lib.load(f"{path}:9").steps == 9
   assert config_lib.load(str(path)).steps == 7
+
+
+def test_switching_member_of_a_config_drops_fields_the_new_member_lacks():
+  # smollm2_lora_math sets adapter.rank/alpha/dropout for LoRA; `full` has none of them.
+  cfg = config_lib.load("smollm2_lora_math", ["adapter.name=full"])
+  assert sorted(cfg.adapter.keys()) == ["name", "targets"]
+  # Shared fields survive the switch; a field the new member lacks, set on the command line,
+  # is still an error.
+  cfg = config_lib.load("smollm2_lora_math", ["adapter.name=rslora"])
+  assert cfg.adapter.rank == 8
+  with pytest.raises(config_lib.ConfigError, match="adapter.rank"):
+    config_lib.load("smollm2_lora_math", ["adapter.name=full", "adapter.rank=4"])
