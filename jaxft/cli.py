@@ -5,6 +5,7 @@
     jaxft export WORKDIR --format hf --out DIR
     jaxft generate --model NAME | --adapter WORKDIR --prompt TEXT [--max_new_tokens N ...]
     jaxft eval WORKDIR | MODEL [--config NAME] [--config.a.b=VALUE ...] [--out FILE]
+    jaxft compile NAME[:ARG] --topology v5p:4x4x4 | local [--remat all] [--json] [--out FILE]
 
 Errors a user can fix (unknown names or keys, bad values, a mesh that does not fit
 the devices, a bad data row, a NaN loss) print one `jaxft: error: ...` message
@@ -54,6 +55,25 @@ def _parser() -> argparse.ArgumentParser:
   v.add_argument("target", help="a run directory or a model name / path")
   v.add_argument("--config", default="", help="config whose data to use (needed for a model)")
   v.add_argument("--out", default="", help="also write the JSON here")
+  c = sub.add_parser(
+      "compile", help="compile a config's sharded train step for a TPU topology (on this CPU) "
+      "or the local devices; report memory per chip, FLOPs, roofline step time and MFU",
+      epilog="Override config fields (mesh, batch, remat) with --config.a.b=VALUE. TPU "
+      "topologies need libtpu: pip install \"jax[tpu]==<jax version>\".")
+  c.add_argument("config", help="config name, NAME:ARG, or a path to a .py file")
+  c.add_argument("--topology", default="local",
+                 help="local | v5e:AxB | v6e:AxB | v4:AxBxC | v5p:AxBxC | v5e-8 | v5p-256 ...")
+  c.add_argument("--remat", default="",
+                 help="compare remat policies: comma-separated names or 'all' (one compile each)")
+  c.add_argument("--measure", type=int, default=0,
+                 help="with --topology local: also run N steps on random weights and time them")
+  c.add_argument("--no_probes", action="store_true",
+                 help="skip the 0-layer compile that corrects FLOPs for the layer scan")
+  c.add_argument("--peak_tflops", type=float, default=0.0, help="override the chip's peak")
+  c.add_argument("--hbm_gbs", type=float, default=0.0, help="override the chip's HBM GB/s")
+  c.add_argument("--cpu_devices", type=int, default=0, help="fake CPU devices for --topology local")
+  c.add_argument("--json", action="store_true", help="print the report as JSON")
+  c.add_argument("--out", default="", help="also write the JSON report here")
   return p
 
 
@@ -126,6 +146,50 @@ def _train(args, overrides) -> int:
   return 0
 
 
+def _compile(args, overrides) -> int:
+  """`jaxft compile`: the planner (jaxft.plan) over one or several remat policies."""
+  import copy  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  from jaxft import config as config_lib  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.load(args.config, overrides)
+  from jaxft import plan_target  # pylint: disable=g-import-not-at-top
+  plan_target.parse(args.topology)  # a bad topology fails before JAX starts
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  _setup_cache()
+  import jax  # pylint: disable=g-import-not-at-top
+  if args.cpu_devices:
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+  from jaxft import plan, roofline  # pylint: disable=g-import-not-at-top
+  from jaxft.models import decoder  # pylint: disable=g-import-not-at-top
+  tgt = plan_target.target(args.topology)
+  chip = tgt.chip
+  if chip is not None and (args.peak_tflops or args.hbm_gbs):
+    chip = chip._replace(peak_flops=args.peak_tflops * 1e12 or chip.peak_flops,
+                         hbm_bytes_s=args.hbm_gbs * 1e9 or chip.hbm_bytes_s)
+  policies = ([cfg.model.remat] if not args.remat else list(decoder.CHOICES["remat"])
+              if args.remat == "all" else [p.strip() for p in args.remat.split(",")])
+  reports = []
+  for policy in policies:
+    if policy not in decoder.CHOICES["remat"]:
+      raise ValueError(f"unknown remat policy {policy!r} (valid: {', '.join(decoder.CHOICES['remat'])})")
+    c = copy.deepcopy(cfg)
+    c.model.remat = policy
+    rep = plan.plan(c, tgt.name, name=args.config, chip=chip, probes=not args.no_probes,
+                    measure_steps=args.measure, tgt=tgt)
+    reports.append(rep)
+    if not args.json:
+      print(roofline.format_report(rep), flush=True)
+  if len(reports) > 1 and not args.json:
+    print(roofline.format_remat_table(reports))
+  out = reports[0] if len(reports) == 1 else {"remat_sweep": reports}
+  if args.json:
+    print(json.dumps(out, indent=1, default=str))
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(out, f, indent=1, default=str)
+  return 0
+
+
 def _first_line(obj) -> str:
   doc = (getattr(obj, "__doc__", None) or "").strip()
   return doc.splitlines()[0] if doc else ""
@@ -173,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
   try:
     if args.command == "train":
       return _train(args, overrides)
+    if args.command == "compile":
+      return _compile(args, overrides)
     _setup_cache()
     from jaxft import commands  # pylint: disable=g-import-not-at-top
     if args.command == "export":

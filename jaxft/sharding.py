@@ -116,3 +116,37 @@ def bytes_per_device(tree) -> dict[int, int]:
     for shard in leaf.addressable_shards:
       out[shard.device.id] = out.get(shard.device.id, 0) + shard.data.nbytes
   return out
+
+
+def constrain_activations(apply, mesh: jax.sharding.Mesh):
+  """Wraps a model `apply` so every linear's input keeps its rows split over (data, fsdp).
+
+  Without it, GSPMD may meet an FSDP weight (split on its input dim over 'fsdp') and
+  a batch (rows split over 'fsdp') by all-gathering the *batch*: every chip then
+  holds the whole batch's activations (seen compiling Llama-3-8B for v5p-64: 32x
+  the activation memory). The constraint goes through the model's `linear` hook, so
+  the model stays mesh-free; the last dim is left to the partitioner (tensor parallel).
+  """
+  batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1) or None
+
+  def spec(ndim: int) -> P:
+    return P(batch_axes, *([None] * (ndim - 2)), P.UNCONSTRAINED)
+
+  def wrapped(params, tokens, *, linear=None, **kw):
+    from jaxft.models.layers import dense  # pylint: disable=g-import-not-at-top
+    inner = linear or dense
+
+    def hook(p, x, name, rng):
+      x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(x.ndim)))
+      return inner(p, x, name, rng)
+
+    for attr in ("mlp",):  # hooks may carry more than the call (a whole-FFN replacement)
+      if hasattr(inner, attr):
+        setattr(hook, attr, getattr(inner, attr))
+    out = apply(params, tokens, linear=hook, **kw)
+    if isinstance(out, tuple):  # (logits, cache): decoding, left alone
+      return out
+    # The logits too: else a tied lm head (an FSDP-split embedding) may be met by gathering rows.
+    return jax.lax.with_sharding_constraint(out, NamedSharding(mesh, spec(out.ndim)))
+
+  return wrapped
