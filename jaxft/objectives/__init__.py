@@ -2,7 +2,7 @@
 
 Metrics hold `num_tokens`; all other metrics are token-weighted means.
 """
-from jaxft.objectives import xent
+from jaxft.objectives import kd, xent
 
-OBJECTIVES = {"xent": xent}
+OBJECTIVES = {"xent": xent, "kd": kd}
 DEFAULTS = {name: module.DEFAULTS for name, module in OBJECTIVES.items()}

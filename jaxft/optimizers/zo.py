@@ -168,7 +168,7 @@ def scale_by_zo(eps: float = 1e-3, key: int = 0, num_seeds: int = 0, importance:
     if history:
       filled = jnp.minimum(state.count, history)
       proj = _subspace_project(est, hist, filled)
-      hist = hist[1:] + (est,)
+      hist = hist[1:] + (jax.tree.map(lambda e, h: e.astype(h.dtype), est, hist[-1]),)
       est = jax.tree.map(lambda a, b: jnp.where(state.count > 0, a, b), proj, est)
     new = ZOState(state.count + 1, ZORecord(seed, ghat, loss.astype(jnp.float32)), scores, hist)
     return est, new
