@@ -12,7 +12,6 @@ from typing import Any, NamedTuple
 
 import jax
 import ml_collections
-import optax
 
 from jaxft import adapters, checkpoint, data, models, names, objectives, optimizers
 from jaxft import sharding, train
@@ -104,23 +103,63 @@ def build_task(cfg, model: Model):
                     section(cfg, "objective"))
 
 
-def init_sharded_state(cfg, model: Model, task: train.Task, tx, mesh):
+def needs_calibration(task: train.Task) -> int:
+  """How many calibration batches the adapter wants (0 = not a data-driven initialiser)."""
+  flag = getattr(task.adapter, "CALIBRATION", False)
+  if not (flag(task.adapter_spec) if callable(flag) else flag):
+    return 0
+  n = int(task.adapter_spec.get("calib_batches", 0))
+  if n < 1:
+    raise ValueError(f"adapter {task.adapter_spec.get('name')!r} is initialised from data: "
+                     f"adapter.calib_batches must be >= 1, got {n}")
+  return n
+
+
+def calibration_batches(cfg, model: Model, task: train.Task, mesh, train_rows=None):
+  """The first `adapter.calib_batches` training batches (same pipeline and seed as the
+  run, sharded like training), stacked to (k, B, L); None when the adapter needs none."""
+  n = needs_calibration(task)
+  if not n:
+    return None
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  tokenizer = tokenizer_for(cfg, model)
+  if train_rows is None:
+    train_rows = make_split(cfg, "train", tokenizer, model).rows
+  it = data.make_pipeline(
+      train_rows, tokenizer, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed,
+      vocab_size=model.cfg.vocab_size, shuffle=cfg.data.shuffle, packing=cfg.data.packing,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  host = [next(it) for _ in range(n)]
+  shard = jax.sharding.NamedSharding(mesh, jax.P(None, ("data", "fsdp")))
+  return {k: jax.make_array_from_process_local_data(shard, np.stack([b[k] for b in host]))
+          for k in host[0]}
+
+
+def init_sharded_state(cfg, model: Model, task: train.Task, tx, mesh, *, train_rows=None):
   """(state, shardings, abstract state): the TrainState built directly in its shardings.
 
   Params come from `model.params` (pretrained, passed as a jit argument, never baked
   into the program) or are initialised from `cfg.seed` inside the jitted init.
+  Data-driven adapters (EVA, CorDA, LoRA-GA, LoRA-SB) get a `Calibration` over the
+  first `adapter.calib_batches` batches of the training pipeline (`train_rows`, built
+  here when not given), also a jit argument, so the calibration pass runs sharded
+  inside the same jitted init and is repeated exactly when a run is restored.
   """
+  from jaxft.adapters import calibrate  # pylint: disable=g-import-not-at-top
 
-  def init_fn(key, host_params):
+  def init_fn(key, host_params, batches):
     init_params = ((lambda k: model.module.init(k, model.cfg)) if host_params is None
                    else (lambda k: host_params))
+    calib = None if batches is None else calibrate.Calibration(
+        task.apply, task.objective, task.objective_spec, batches)
     return train.init_state(key, init_params, task.adapter, task.adapter_spec, tx,
-                            param_dtype=cfg.param_dtype)
+                            param_dtype=cfg.param_dtype, calib=calib)
 
   key = jax.random.PRNGKey(cfg.seed)
-  abstract = jax.eval_shape(init_fn, key, model.params)
+  batches = calibration_batches(cfg, model, task, mesh, train_rows)
+  abstract = jax.eval_shape(init_fn, key, model.params, batches)
   shardings = state_shardings(abstract, model.module, model.cfg, task, tx, mesh)
-  state = jax.jit(init_fn, out_shardings=shardings)(key, model.params)
+  state = jax.jit(init_fn, out_shardings=shardings)(key, model.params, batches)
   return state, shardings, abstract
 
 
@@ -137,8 +176,8 @@ def state_shardings(abstract: train.TrainState, model, mcfg, task: train.Task, t
   frozen = sharding.tree_shardings(frozen_axes, abstract.frozen, mesh)
   trainable = sharding.tree_shardings(trainable_axes, abstract.trainable, mesh)
   rep = sharding.replicated(mesh)
-  opt = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, trainable,
-                              transform_non_params=lambda _: rep)
+  # Params-shaped state leaves follow their param; other shapes (SM3, Fira, ...) replicate.
+  opt = optimizers.state_shardings(tx, abstract.opt_state, abstract.trainable, trainable, rep)
   return train.TrainState(rep, frozen, trainable, opt, rep)
 
 

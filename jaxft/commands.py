@@ -12,7 +12,7 @@ import sys
 import jax
 import numpy as np
 
-from jaxft import build, config as config_lib, data, evaluate, objectives
+from jaxft import build, config as config_lib, data, evaluate, objectives, train as train_lib
 from jaxft.models import decoder, generate as generate_lib
 
 
@@ -36,19 +36,79 @@ def load_target(target: str, config_name: str = "", overrides=()):
   return cfg, build.Model(decoder, mcfg, params, tokenizer, meta), tokenizer, 0
 
 
+EXPORT_FORMATS = ("hf", "peft", "peft+base")
+
+
 def export(workdir: str, *, fmt: str, out: str) -> int:
-  """Writes the run's model (adapter merged) as an HF checkpoint directory."""
-  if fmt != "hf":
-    raise ValueError(f"unknown export format {fmt!r} (valid: hf)")
+  """Writes the run's model for other libraries.
+
+  hf: the model with the adapter merged (config.json + model.safetensors).
+  peft: a low-rank adapter in PyTorch PEFT's format (adapter_config.json +
+    adapter_model.safetensors) for the run's original base model.
+  peft+base: the same plus the unadapted base model as HF under OUT/base (for bases
+    that have no HF checkpoint of their own: GGUF imports, from-scratch models).
+  """
+  if fmt not in EXPORT_FORMATS:
+    raise ValueError(f"unknown export format {fmt!r} (valid: {', '.join(EXPORT_FORMATS)})")
   if not _is_run(workdir):
     raise FileNotFoundError(f"{workdir} is not a jaxft run directory (no config.json)")
   from jaxft.models import hf  # pylint: disable=g-import-not-at-top
+  if fmt.startswith("peft"):
+    return _export_peft(workdir, out, with_base=fmt == "peft+base")
   _, model, tokenizer, step = build.restore_params(workdir)
   hf.save_hf(out, model.cfg, jax.device_get(model.params),
              architecture=model.meta.get("architecture", "llama"), tokenizer=tokenizer,
              chat_template=model.meta.get("chat_template"),
              special_ids=build.special_ids(model, tokenizer))
   print(f"exported step {step} of {workdir} to {out} (HF format, adapter merged)")
+  return 0
+
+
+def restore_unmerged(workdir: str):
+  """(cfg, build.Model with the base params, task, state at init, trained trainable, step)."""
+  from jaxft import checkpoint, optimizers, sharding  # pylint: disable=g-import-not-at-top
+  cfg = build.config_of_run(workdir)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, [jax.devices()[0]])
+  model = build.load_model(cfg)
+  task = build.build_task(cfg, model)
+  tx, _ = optimizers.build(build.section(cfg, "optimizer"), cfg.steps)
+  state, shardings, abstract = build.init_sharded_state(cfg, model, task, tx, mesh)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
+  try:
+    restored = ckpt.restore_latest(build.abstract_checkpoint(abstract, shardings))
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint to load")
+  step, saved, _, _ = restored
+  return cfg, model, task, state, saved["trainable"], step
+
+
+def _export_peft(workdir: str, out: str, *, with_base: bool) -> int:
+  from jaxft.adapters import peft_format  # pylint: disable=g-import-not-at-top
+  from jaxft.models import hf  # pylint: disable=g-import-not-at-top
+  cfg, model, task, init_state, trainable, step = restore_unmerged(workdir)
+  member = getattr(task.adapter, "MEMBER", task.adapter)
+  arch = model.meta.get("architecture", "llama")
+  if arch == "gpt2":
+    raise ValueError("PEFT export supports Llama/Qwen2/Gemma3 layouts, not gpt2 (fused c_attn)")
+  tensors, config = peft_format.peft_adapter(
+      member, task.adapter_spec, jax.device_get(trainable), init_state.frozen,
+      jax.device_get(init_state.trainable), model.cfg,
+      base_model=cfg.model.get("pretrained") or "")
+  peft_format.save_peft(out, tensors, config)
+  if with_base:
+    tokenizer = build.tokenizer_for(cfg, model)
+    base_params = model.params
+    if base_params is None:  # from scratch: the run's own initial params, rebuilt from its seed
+      key = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)[0]
+      base_params = train_lib.cast_floating(model.module.init(key, model.cfg),
+                                            train_lib.DTYPES[cfg.param_dtype])
+    hf.save_hf(os.path.join(out, "base"), model.cfg, jax.device_get(base_params),
+               architecture=arch, tokenizer=tokenizer, chat_template=model.meta.get("chat_template"),
+               special_ids=build.special_ids(model, tokenizer))
+  print(f"exported step {step} of {workdir} to {out} (PEFT {config['peft_type']} adapter, "
+        f"r={config['r']}{', base in ' + os.path.join(out, 'base') if with_base else ''})")
   return 0
 
 

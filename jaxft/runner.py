@@ -98,10 +98,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
 
   # ---------------------------------------------------------------- adapter + optimizer
   task = build.build_task(cfg, model)
+  # Keep activations split by rows under FSDP (else XLA may gather the batch, not the weights).
+  task = task._replace(apply=sharding.constrain_activations(task.apply, mesh))
   tx, schedule = optimizers.build(build.section(cfg, "optimizer"), cfg.steps)
 
   # ---------------------------------------------------------------- sharded state
-  state, shardings, abstract = build.init_sharded_state(cfg, model, task, tx, mesh)
+  state, shardings, abstract = build.init_sharded_state(cfg, model, task, tx, mesh,
+                                                         train_rows=train_rows)
 
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
   restored = ckpt.restore_latest(build.abstract_checkpoint(abstract, shardings))
@@ -216,14 +219,18 @@ def _accuracy_fn(cfg, model: build.Model, task: train.Task, tokenizer, eval_spli
   from jaxft import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   examples = list(eval_split.examples)[:cfg.eval_examples]
   stop_ids = build.stop_ids(model, tokenizer)
-  merge = jax.jit(lambda frozen, trainable: task.adapter.merge(frozen, trainable,
-                                                               task.adapter_spec))
+  # Adapters that cannot merge (bottlenecks, prompts, ...) generate unmerged through their hook.
+  mergeable = getattr(task.adapter, "MERGEABLE", True)
+  merge = jax.jit(lambda frozen, trainable: (task.adapter.merge if mergeable else
+                                             task.adapter.combine)(frozen, trainable,
+                                                                   task.adapter_spec))
+  linear = {} if mergeable else {"linear": task.adapter.linear_hook(task.adapter_spec)}
 
   def fn(state, step):
     params = merge(state.frozen, state.trainable)
     res = evaluate_lib.task_accuracy(
         params, model.cfg, tokenizer, examples, render=build.renderer(cfg, model),
-        stop_ids=stop_ids,
+        stop_ids=stop_ids, **linear,
         batch_size=min(len(examples), 32), max_new_tokens=cfg.eval_max_new_tokens,
         progress=book.interactive)
     book.write({"step": step, "split": "eval", "task_accuracy": res["accuracy"], "n": res["n"],

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxft.adapters import base as adapters_base
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -46,11 +48,17 @@ def loss_and_metrics(task: Task, trainable, frozen, batch, rng, compute_dtype):
   """Token-weighted loss *sum* (what gets differentiated) and the objective's metrics."""
   params = task.adapter.combine(frozen, trainable, task.adapter_spec)
   params = cast_floating(params, compute_dtype)
-  logits = task.apply(
+  hook = task.adapter.linear_hook(task.adapter_spec)
+  # A hook that replaces whole FFNs (MixLoRA) reports auxiliary losses from every layer.
+  aux_kw = {"return_aux": True} if hasattr(hook, "mlp") else {}
+  out = task.apply(
       params, batch["tokens"], positions=batch.get("positions"),
-      segment_ids=batch.get("segment_ids"),
-      linear=task.adapter.linear_hook(task.adapter_spec), rng=rng)
+      segment_ids=batch.get("segment_ids"), linear=hook, rng=rng, **aux_kw)
+  logits, aux = out if aux_kw else (out, None)
   loss, metrics = task.objective(logits, batch, task.objective_spec)
+  # Adapter regularisers (KaSA, PEGO) and auxiliary losses join the differentiated loss.
+  loss, metrics = adapters_base.with_adapter_losses(task.adapter, task.adapter_spec, frozen,
+                                                    trainable, loss, metrics, aux)
   num_tokens = jax.lax.stop_gradient(metrics["num_tokens"])
   return loss * num_tokens, metrics
 

@@ -126,3 +126,20 @@ def test_training_reduces_loss_with_lora():
   for _ in range(30):
     state, m = step(state, batch)
   assert float(m["loss"]) < float(first["loss"]) - 0.3
+
+
+@pytest.mark.parametrize("name,extra", [("kasa", "adapter_reg"), ("mixlora", "mixlora_aux")])
+def test_adapter_regulariser_and_aux_losses_join_the_loss(name, extra):
+  """KaSA's regularisers and MixLoRA's load-balance loss are part of what the step differentiates."""
+  from jaxft import build, config as config_lib  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.load("tiny", [f"adapter.name={name}"])
+  model = build.load_model(cfg)
+  task = build.build_task(cfg, model)
+  params = model.module.init(jax.random.PRNGKey(0), model.cfg)
+  frozen, trainable = task.adapter.init(jax.random.PRNGKey(1), params, task.adapter_spec, None)
+  toks = jax.random.randint(jax.random.PRNGKey(2), (2, 16), 3, 100)
+  batch = {"tokens": toks, "targets": jnp.roll(toks, -1, 1), "loss_mask": jnp.ones((2, 16))}
+  loss_sum, m = train.loss_and_metrics(task, trainable, frozen, batch, None, jnp.float32)
+  assert float(m[extra]) > 0
+  np.testing.assert_allclose(float(m["loss"]), float(m["xent"]) + float(m[extra]), rtol=1e-6)
+  np.testing.assert_allclose(float(loss_sum), float(m["loss"]) * 32, rtol=1e-6)

@@ -96,3 +96,24 @@ def linear_paths(params: Mapping[str, Any]) -> list[str]:
     if path.endswith(SEP + "kernel") and np.ndim(value) >= 2:
       out.append(path[: -len(SEP + "kernel")])
   return out
+
+
+def with_adapter_losses(adapter, spec, frozen, trainable, loss, metrics, aux=None):
+  """(loss + the adapter's `regularizer` + the model's auxiliary losses, metrics with each).
+
+  `aux` is what `decoder.apply(..., return_aux=True)` returns (e.g. MixLoRA's
+  load-balance loss); adapters without a regulariser and a model without aux give
+  back `loss` unchanged.
+  """
+  extra = dict(aux or {})
+  metrics = dict(metrics)
+  fn = getattr(adapter, "regularizer", None)
+  if fn is not None:
+    reg, reg_metrics = fn(frozen, trainable, spec)
+    extra["adapter_reg"] = reg
+    metrics.update(reg_metrics)
+  for name, value in extra.items():
+    loss = loss + value
+    metrics[name] = value
+  metrics["loss"] = loss
+  return loss, metrics

@@ -32,7 +32,8 @@ CHOICES = {
     'pos': ('rope', 'learned', 'none'),
     'rope_layout': ('half', 'interleaved'),
     'mlp': ('swiglu', 'geglu', 'gelu'),
-    'remat': ('none', 'full', 'dots'),
+    # What a layer keeps for the backward pass (the rest is recomputed): see `remat_policy`.
+    'remat': ('none', 'full', 'dots', 'dots_all', 'offload_dots'),
 }
 _GLOBAL_WINDOW = jnp.iinfo(jnp.int32).max
 
@@ -69,7 +70,7 @@ class DecoderConfig:
   attn_softcap: float = 0.0    # 0 = off; else logits = cap * tanh(logits / cap)
   final_softcap: float = 0.0
   query_scale: float = 0.0     # 0 = 1/sqrt(head_dim); Gemma 3: query_pre_attn_scalar**-0.5
-  remat: str = 'none'          # 'none' | 'full' | 'dots' (save only matmuls without batch dims)
+  remat: str = 'none'          # 'none' | 'full' | 'dots' | 'dots_all' | 'offload_dots' (remat_policy)
   param_dtype: str = 'float32'
   init_std: float = 0.02
 
@@ -248,17 +249,41 @@ def _block(cfg, linear, positions_BxL, mask_BxLxS, cache_slots=None):
       a_BxLxD = layers.norm(p['attn_post_norm'], a_BxLxD, cfg)
     x_BxLxD = x_BxLxD + a_BxLxD
     h_BxLxD = layers.norm(p['mlp_norm'], x_BxLxD, cfg)
-    m_BxLxD = layers.mlp(p['mlp'], h_BxLxD, cfg, rng=rng, linear=linear)
+    # A hook may replace the whole FFN (`linear.mlp`, e.g. MixLoRA's experts) and report
+    # scalar auxiliary values (e.g. a load-balance loss) that `apply(..., return_aux=True)`
+    # sums over layers.
+    mlp_fn = getattr(linear, 'mlp', None)
+    if mlp_fn is None:
+      m_BxLxD, aux = layers.mlp(p['mlp'], h_BxLxD, cfg, rng=rng, linear=linear), {}
+    else:
+      m_BxLxD, aux = mlp_fn(p['mlp'], h_BxLxD, cfg, rng=rng, linear=linear)
     if cfg.post_norms:
       m_BxLxD = layers.norm(p['mlp_post_norm'], m_BxLxD, cfg)
-    return x_BxLxD + m_BxLxD, ys
+    return x_BxLxD + m_BxLxD, (ys, aux)
 
-  if cfg.remat == 'full':
-    return jax.checkpoint(body, prevent_cse=False)
-  if cfg.remat == 'dots':
-    return jax.checkpoint(body, prevent_cse=False,
-                          policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-  return body
+  if cfg.remat == 'none':
+    return body
+  return jax.checkpoint(body, prevent_cse=False, policy=remat_policy(cfg.remat))
+
+
+def remat_policy(name: str):
+  """The `jax.checkpoint` policy of a `DecoderConfig.remat` choice ('none' = no checkpoint).
+
+  'full': save nothing, recompute the whole layer (least memory, ~1/3 more FLOPs);
+  'dots': save matmul outputs without batch dims (projections, MLP), recompute the rest;
+  'dots_all': save every matmul output, attention scores included (more memory);
+  'offload_dots': as 'dots' but the saved values live in host memory (TPU/GPU only).
+  """
+  policies = jax.checkpoint_policies
+  if name == 'full':
+    return None
+  if name == 'dots':
+    return policies.dots_with_no_batch_dims_saveable
+  if name == 'dots_all':
+    return policies.dots_saveable
+  if name == 'offload_dots':
+    return policies.offload_dot_with_no_batch_dims('device', 'pinned_host')
+  raise ValueError(f"remat={name!r} has no checkpoint policy; valid: {', '.join(CHOICES['remat'])}")
 
 
 def init_cache(cfg: DecoderConfig, batch: int, max_len: int,
@@ -293,10 +318,50 @@ def _cache_mask(cache: Params, index: jax.Array, positions_BxL: jax.Array,
           'index': index + positions_BxL.shape[1]}, mask_BxLxS
 
 
+_PREFIX_POSITION = 1 << 30  # prefix slots' position: always inside any sliding window
+
+
+def prefix_kv(params: Params, cfg: DecoderConfig, linear: layers.Linear = dense):
+  """Per-layer keys and values (n_layers, P, K, H) every token attends to, or None.
+
+  Prefix tuning puts `params['prefix'] = {'k', 'v'}` of shape (n_layers, P, K*H)
+  (used as given: no RoPE). Prompt tuning puts `params['prompt'] = {'embedding':
+  (P, D)}`: soft tokens run through the layers first at positions 0..P-1 (they see
+  only each other), and their cached keys / values become the prefix; `apply` then
+  shifts the row's positions by P.
+  """
+  if 'prefix' in params:
+    heads = lambda a: a.reshape(*a.shape[:2], cfg.n_kv_heads, cfg.head_dim)
+    return heads(params['prefix']['k']), heads(params['prefix']['v'])
+  if 'prompt' not in params:
+    return None
+  soft_PxD = params['prompt']['embedding']
+  table = params['embed']['embedding']
+  rest = {k: v for k, v in params.items() if k != 'prompt'}
+  rest['embed'] = {**params['embed'],
+                   'embedding': jnp.concatenate([table, soft_PxD.astype(table.dtype)])}
+  ids_1xP = (table.shape[0] + jnp.arange(soft_PxD.shape[0], dtype=jnp.int32))[None]
+  _, c = apply(rest, ids_1xP, cfg, cache=init_cache(cfg, 1, soft_PxD.shape[0], table.dtype),
+               linear=linear)
+  return c['k'][:, 0], c['v'][:, 0]
+
+
+def _prepend(prefix, k, v, positions_BxS, mask_BxLxS):
+  """The prefix's slots in front of the cache slabs, visible to every query."""
+  (pk, pv), (n_layers, b) = prefix, k.shape[:2]
+  put = lambda pre, slab: jnp.concatenate(
+      [jnp.broadcast_to(pre[:, None].astype(slab.dtype), (n_layers, b, *pre.shape[1:])), slab], 2)
+  p = pk.shape[1]
+  positions_BxS = jnp.concatenate([jnp.full((b, p), _PREFIX_POSITION, jnp.int32), positions_BxS], 1)
+  mask_BxLxS = jnp.concatenate([jnp.ones((b, mask_BxLxS.shape[1], p), bool), mask_BxLxS], 2)
+  return put(pk, k), put(pv, v), positions_BxS, mask_BxLxS
+
+
 def apply(params: Params, tokens_BxL: jax.Array, cfg: DecoderConfig, *,
           positions: Optional[jax.Array] = None, segment_ids: Optional[jax.Array] = None,
           cache: Optional[Params] = None, cache_index: Optional[jax.Array] = None,
-          linear: layers.Linear = dense, rng: Optional[jax.Array] = None) -> Any:
+          linear: layers.Linear = dense, rng: Optional[jax.Array] = None,
+          return_aux: bool = False) -> Any:
   """Next-token logits; with a KV cache, also the updated cache.
 
   Args:
@@ -317,15 +382,21 @@ def apply(params: Params, tokens_BxL: jax.Array, cfg: DecoderConfig, *,
     linear: hook `linear(p, x, name, rng) -> y` for every linear in a layer
       ('attn/q', ..., 'mlp/down') and an untied 'lm_head'.
     rng: optional key; the hook gets a distinct fold-in per layer and linear.
+    return_aux: also return the auxiliary scalars an FFN-replacing hook reports
+      (`linear.mlp`, e.g. MixLoRA's load-balance loss), summed over layers.
 
   Returns:
-    (B, L, V) float32 logits; with a cache, (logits, updated cache).
+    (B, L, V) float32 logits; with a cache, (logits, updated cache); with
+    return_aux, (that, {name: scalar}).
   """
   b, l = tokens_BxL.shape
   index = 0 if cache is None else jnp.asarray(
       cache['index'] if cache_index is None else cache_index, jnp.int32)
   if positions is None:
     positions = jnp.broadcast_to((index + jnp.arange(l, dtype=jnp.int32))[None], (b, l))
+  prefix = prefix_kv(params, cfg, linear)  # prefix / prompt tuning (None otherwise)
+  if 'prompt' in params:
+    positions = positions + prefix[0].shape[1]
   x_BxLxD = params['embed']['embedding'][tokens_BxL]
   if cfg.embed_scale:
     x_BxLxD = x_BxLxD * jnp.asarray(math.sqrt(cfg.d_model), x_BxLxD.dtype)
@@ -338,17 +409,22 @@ def apply(params: Params, tokens_BxL: jax.Array, cfg: DecoderConfig, *,
     keys = jax.random.split(rng, cfg.n_layers + 1)
     layer_rngs, head_rng = keys[:cfg.n_layers], keys[cfg.n_layers]
   xs = (params['layers'], windows, bases, layer_rngs)
-  if cache is None:
+  if cache is None and prefix is None:
     mask_BxLxS = layers.attention_mask(segment_ids, b, l)
     body = _block(cfg, linear, positions, mask_BxLxS)
-    x_BxLxD, _ = jax.lax.scan(body, x_BxLxD, xs)
-  else:
+    x_BxLxD, (_, aux) = jax.lax.scan(body, x_BxLxD, xs)
+  else:  # a prefix without a cache runs through a throwaway cache of this call's length
     if segment_ids is None:
       segment_ids = jnp.ones((b, l), jnp.int32)
-    new_cache, mask_BxLxS = _cache_mask(cache, index, positions, segment_ids)
-    body = _block(cfg, linear, positions, mask_BxLxS, (index, new_cache['positions']))
-    x_BxLxD, (new_cache['k'], new_cache['v']) = jax.lax.scan(
-        body, x_BxLxD, xs + (cache['k'], cache['v']))
+    run = cache if cache is not None else init_cache(cfg, b, l, x_BxLxD.dtype)
+    new_cache, mask_BxLxS = _cache_mask(run, index, positions, segment_ids)
+    k, v, slots_BxS, n = run['k'], run['v'], new_cache['positions'], 0
+    if prefix is not None:
+      k, v, slots_BxS, mask_BxLxS = _prepend(prefix, k, v, slots_BxS, mask_BxLxS)
+      n = prefix[0].shape[1]
+    body = _block(cfg, linear, positions, mask_BxLxS, (index + n, slots_BxS))
+    x_BxLxD, ((k, v), aux) = jax.lax.scan(body, x_BxLxD, xs + (k, v))
+    new_cache['k'], new_cache['v'] = k[:, :, n:], v[:, :, n:]
 
   x_BxLxD = layers.norm(params['final_norm'], x_BxLxD, cfg)
   if cfg.tie_embeddings:
@@ -357,4 +433,5 @@ def apply(params: Params, tokens_BxL: jax.Array, cfg: DecoderConfig, *,
   else:
     logits_BxLxV = linear(params['lm_head'], x_BxLxD.astype(jnp.float32), 'lm_head', head_rng)
   logits_BxLxV = layers.softcap(logits_BxLxV.astype(jnp.float32), cfg.final_softcap)
-  return logits_BxLxV if cache is None else (logits_BxLxV, new_cache)
+  out = logits_BxLxV if cache is None else (logits_BxLxV, new_cache)
+  return (out, {k: jnp.sum(v) for k, v in aux.items()}) if return_aux else out
