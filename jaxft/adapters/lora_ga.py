@@ -23,7 +23,9 @@ from jaxft.adapters import calibrate, lowrank
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
 SCALES = ("stable", "unit")
 
-DEFAULTS = {**lowrank.COMMON, **calibrate.CALIB_DEFAULTS,
+# dropout 0: the adapter starts non-zero, and dropout on its input would break the
+# offset that keeps the model unchanged at init.
+DEFAULTS = {**lowrank.COMMON, **calibrate.CALIB_DEFAULTS, "dropout": 0.0,
             "direction": "ArB2r", "ga_scale": "stable", "gamma": 16.0}
 CALIBRATION = True
 
