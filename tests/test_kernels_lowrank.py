@@ -149,19 +149,10 @@ def test_lowered_on_gpu_matches_reference(dtype):
 # --- a tiny decoder whose LoRA linear hook runs through the op -------------------------
 
 def lora_hook(kernel: str, scale: float):
-  """What jaxft's LoRA hook does, with `adapter.kernel: 'reference' | 'pallas'`."""
-  from jaxft.models import layers
-
-  def linear(p, x, name, rng):
-    if "lora_a" not in p:
-      return layers.dense(p, x, name, rng)
-    if kernel == "pallas":
-      return ops.lora_linear(x, p["kernel"], p["lora_a"], p["lora_b"], scale, bias=p.get("bias"),
-                             interpret=True)
-    y = layers.dense(p, x, name, rng)
-    return y + (scale * (x @ p["lora_a"].astype(x.dtype)) @ p["lora_b"].astype(x.dtype)).astype(y.dtype)
-
-  return linear
+  """jaxft's own LoRA hook with `adapter.kernel: 'reference' | 'pallas'` (rank 4, alpha 4*scale)."""
+  from jaxft.adapters import lora
+  return lora.linear_hook({**lora.DEFAULTS, "rank": 4, "alpha": 4 * scale, "dropout": 0.0,
+                           "kernel": kernel})
 
 
 def test_decoder_lora_hook_same_loss_and_gradients():

@@ -444,7 +444,8 @@ def test_config_from_dict():
 
 
 def test_models_table():
-  assert models.MODELS == {'decoder': decoder} and models.DecoderConfig is DecoderConfig
+  from jaxft.models import hyena  # pylint: disable=g-import-not-at-top
+  assert models.MODELS == {'decoder': decoder, 'hyena': hyena} and models.DecoderConfig is DecoderConfig
   fields = {k: v for k, v in models.DEFAULTS['decoder'].items() if k != 'pretrained'}
   assert DecoderConfig.from_dict(fields) == DecoderConfig()
   assert models.DEFAULTS['decoder']['pretrained'] == ''  # the config field naming a checkpoint

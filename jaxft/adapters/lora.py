@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from jaxft.adapters import base, lowrank
 
-DEFAULTS = dict(lowrank.COMMON)
+# kernel: "reference" (jnp) or "pallas" (the fused kernel, jaxft_kernels.lora_matmul).
+DEFAULTS = {**lowrank.COMMON, "kernel": "reference"}
 
 
 def scale(spec: Mapping[str, Any]) -> float:

@@ -49,6 +49,7 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import jax.numpy as jnp
 
+from jaxft import names
 from jaxft.adapters import base
 from jaxft.models import decoder
 from jaxft.models.layers import lead
@@ -63,6 +64,9 @@ COMMON = {
 }
 FACTORS = ("lora_a", "lora_b", "lora_m", "lora_d", "dora_mag", "sparse_index", "sparse_values")
 EXACT_SVD_MAX = 2048
+# How `linear_hook` computes x W + s h A B: plain jnp, or the fused Pallas kernel
+# (`adapter.kernel`; members with other factors always use the jnp path).
+KERNELS = ("reference", "pallas")
 
 
 def lora_scale(spec) -> float:
@@ -95,6 +99,13 @@ def svd(w, *, rank: int = 0, niter: int = 4, key=None):
   Exact `jnp.linalg.svd` when both dims are <= EXACT_SVD_MAX (or rank == 0),
   else randomized subspace iteration for the top `rank` (k = rank).
   """
+  if w.ndim > 2:
+    # One matrix at a time: batched LAPACK calls on XLA:CPU can deadlock on a busy host
+    # (see `calibrate.per_layer`).
+    lead = w.shape[:-2]
+    out = jax.lax.map(lambda m: svd(m, rank=rank, niter=niter, key=key),
+                      w.reshape(-1, *w.shape[-2:]))
+    return jax.tree.map(lambda y: y.reshape(*lead, *y.shape[1:]), out)
   d_in, d_out = w.shape[-2:]
   if rank <= 0 or max(d_in, d_out) <= EXACT_SVD_MAX:
     u, s, vh = jnp.linalg.svd(w.astype(jnp.float32), full_matrices=False)
@@ -235,6 +246,9 @@ class Member:
     s, rate = self.scale(spec), float(spec.get("dropout", 0.0))
     detach = bool(spec.get("detach_norm", True))
     member = self
+    kernel = spec.get("kernel", "reference")
+    if kernel not in KERNELS:
+      raise ValueError(names.unknown_message("adapter.kernel", kernel, KERNELS))
 
     def linear(p, x, name, rng):
       if not any(k in p for k in member.leaves):
@@ -245,6 +259,12 @@ class Member:
       if rate > 0.0 and rng is not None:
         keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
         h = jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+      if kernel == "pallas" and member.fusable(p):
+        # The fused Pallas op (jaxft_kernels.lora_matmul): x W + s h A B in one kernel,
+        # backward without dW for the frozen W.
+        from jaxft_kernels.lora_matmul.ops import lora_linear  # pylint: disable=g-import-not-at-top
+        return lora_linear(x, w, p["lora_a"].astype(x.dtype), p["lora_b"].astype(x.dtype), s,
+                           bias=p.get("bias"), x_adapter=None if h is x else h)
       if "lora_a" in p:
         t = h @ p["lora_a"].astype(x.dtype)
         if "lora_m" in p:
@@ -265,6 +285,10 @@ class Member:
       return y
 
     return linear
+
+  def fusable(self, p) -> bool:
+    """Whether this linear is plain x W + s h A B (what the fused kernel computes)."""
+    return not self.decompose and {k for k in FACTORS if k in p} == {"lora_a", "lora_b"}
 
   def materialize(self, frozen, trainable, spec):
     """Plain effective params (the model's own tree): every targeted kernel = W_eff."""
