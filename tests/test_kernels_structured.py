@@ -221,3 +221,24 @@ def test_gpu_lowering_matches_reference():
   w1, w2 = normal(*s1), normal(*s2)
   np.testing.assert_allclose(monarch_matmul(x, w1, w2, interpret=False),
                              monarch_matmul_reference(x, w1, w2), rtol=1e-3, atol=1e-2)
+
+
+def test_halo_adapter_is_full_finetuning_through_halo_gemms():
+  """`adapter.name=halo`: quant='none' is exactly `full`; int8 stays close and differs."""
+  from jaxft import build, config as config_lib, train  # pylint: disable=g-import-not-at-top
+  losses = {}
+  for name, quant in (("full", None), ("halo", "none"), ("halo", "int8")):
+    cfg = config_lib.load("tiny", [f"adapter.name={name}"] + ([f"adapter.quant={quant}"] if quant else []))
+    model = build.load_model(cfg)
+    task = build.build_task(cfg, model)
+    params = model.module.init(jax.random.PRNGKey(0), model.cfg)
+    frozen, trainable = task.adapter.init(jax.random.PRNGKey(1), params, task.adapter_spec, None)
+    toks = jax.random.randint(jax.random.PRNGKey(2), (2, 32), 3, 200)
+    batch = {"tokens": toks, "targets": jnp.roll(toks, -1, 1), "loss_mask": jnp.ones((2, 32))}
+    fn = jax.jit(jax.value_and_grad(
+        lambda t: train.loss_and_metrics(task, t, frozen, batch, None, jnp.float32)[0]))
+    losses[(name, quant)] = fn(trainable)
+  (l_full, g_full), (l_none, g_none), (l_int8, g_int8) = losses.values()
+  np.testing.assert_allclose(l_none, l_full, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6), g_none, g_full)
+  assert 0 < abs(float(l_int8) - float(l_full)) < 0.02 * float(l_full)

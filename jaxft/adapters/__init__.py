@@ -11,7 +11,7 @@
 The low-rank family (lora ... pego) shares `lowrank.Member`; see that module for
 how a member plugs in.
 """
-from jaxft.adapters import base, full, lowrank
+from jaxft.adapters import base, full, halo, lowrank
 from jaxft.adapters import lora, rslora, dora, pissa, milora
 from jaxft.adapters import kasa, svfit, lora_xs, sltrain, dsee, pego, codyra, mixlora
 from jaxft.adapters import qlora, lq_lora, l4q, qalora, lora_ga, eva, corda, lora_sb  # part B
@@ -22,6 +22,7 @@ from jaxft.adapters.base import TargetError, count_params
 
 ADAPTERS = {
     "full": full,
+    "halo": halo,  # full fine-tuning through HALO's rotated low-precision GEMMs
     # low-rank family (jaxft/adapters/lowrank.py)
     "lora": lora,
     "rslora": rslora,
