@@ -6,6 +6,7 @@ closed form, a few Adam steps lower the loss, and a 2x2x2 mesh of 8 fake devices
 gives the single-device loss.
 """
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -145,12 +146,17 @@ def _run(name, kw, params, mesh=None, steps=3):
 
 
 TRAINED = [(m[0], m[1]) for m in MEMBERS] + [("mixlora", {"experts": 4})]
+# One member per kind of factor layout (A/B, magnitude, middle matrix, sparse, quantized
+# base, router) runs on the 8-device mesh by default.
+MESH_CHECKED = ("lora", "dora", "lora_xs", "sltrain", "qlora", "mixlora")
 
 
 @pytest.mark.parametrize("name,kw", TRAINED, ids=[m[0] for m in TRAINED])
 def test_train_steps_lower_loss_and_mesh_matches(name, kw, params):
   single = _run(name, kw, params)
   assert single[-1] < single[0] - 1e-3, single
+  if name not in MESH_CHECKED and not os.environ.get("JAXFT_ALL_MESH_TESTS"):
+    return  # the 8-device run of every member: JAXFT_ALL_MESH_TESTS=1 (keeps CI short)
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   sharded = _run(name, kw, params, mesh)
   np.testing.assert_allclose(sharded, single, rtol=2e-4)
