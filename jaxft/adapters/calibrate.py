@@ -200,20 +200,4 @@ class Calibrated(lowrank.Member):
     return base.unflatten(flat), base.unflatten(train_flat)
 
 
-def per_layer(fn: Callable, lead_ndim: int) -> Callable:
-  """fn(*arrays) run one matrix at a time over the leading (stacked-layer) axes.
-
-  Batched LAPACK calls (svd, eigh, solve) on XLA:CPU fan out over the intra-op
-  thread pool they already run on and can deadlock on a busy host (seen with 2
-  cores and with 8 fake devices); `lax.map` keeps every call unbatched.
-  """
-  if lead_ndim == 0:
-    return fn
-
-  def mapped(*arrays):
-    lead = arrays[0].shape[:lead_ndim]
-    flat = tuple(a.reshape(-1, *a.shape[lead_ndim:]) for a in arrays)
-    out = jax.lax.map(lambda xs: fn(*xs), flat)
-    return jax.tree.map(lambda y: y.reshape(*lead, *y.shape[1:]), out)
-
-  return mapped
+per_layer = lowrank.per_layer  # one matrix at a time (batched LAPACK can deadlock on XLA:CPU)

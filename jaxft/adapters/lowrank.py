@@ -93,6 +93,25 @@ def kaiming_a(key, w, rank: int):
   return jax.random.uniform(key, (*lead_dims, d_in, rank), jnp.float32, -bound, bound)
 
 
+def per_layer(fn: Callable, lead_ndim: int) -> Callable:
+  """fn(*arrays) run one matrix at a time over the leading (stacked-layer) axes.
+
+  Batched LAPACK calls (svd, eigh, solve) on XLA:CPU fan out over the intra-op
+  thread pool they already run on and can deadlock on a busy host (seen with 2
+  cores and with 8 fake devices); `lax.map` keeps every call unbatched.
+  """
+  if lead_ndim == 0:
+    return fn
+
+  def mapped(*arrays):
+    lead = arrays[0].shape[:lead_ndim]
+    flat = tuple(a.reshape(-1, *a.shape[lead_ndim:]) for a in arrays)
+    out = jax.lax.map(lambda xs: fn(*xs), flat)
+    return jax.tree.map(lambda y: y.reshape(*lead, *y.shape[1:]), out)
+
+  return mapped
+
+
 def svd(w, *, rank: int = 0, niter: int = 4, key=None):
   """(U (…, d_in, k), S (…, k), Vh (…, k, d_out)), singular values descending.
 
@@ -100,12 +119,7 @@ def svd(w, *, rank: int = 0, niter: int = 4, key=None):
   else randomized subspace iteration for the top `rank` (k = rank).
   """
   if w.ndim > 2:
-    # One matrix at a time: batched LAPACK calls on XLA:CPU can deadlock on a busy host
-    # (see `calibrate.per_layer`).
-    lead = w.shape[:-2]
-    out = jax.lax.map(lambda m: svd(m, rank=rank, niter=niter, key=key),
-                      w.reshape(-1, *w.shape[-2:]))
-    return jax.tree.map(lambda y: y.reshape(*lead, *y.shape[1:]), out)
+    return per_layer(lambda m: svd(m, rank=rank, niter=niter, key=key), w.ndim - 2)(w)
   d_in, d_out = w.shape[-2:]
   if rank <= 0 or max(d_in, d_out) <= EXACT_SVD_MAX:
     u, s, vh = jnp.linalg.svd(w.astype(jnp.float32), full_matrices=False)
