@@ -181,23 +181,5 @@ class Calibrated(lowrank.Member):
     return statistics(require(calib, self.name), frozen, paths, cov=self.needs_cov,
                       grad=self.needs_grad, tokens=spec.get("calib_tokens", "all"))
 
-  def init(self, key, frozen, spec, calib=None):
-    lowrank.check_rank(spec)
-    paths = self.targets(frozen, spec)
-    stats = self.statistics(frozen, spec, calib, paths)
-    flat = base.flatten(frozen)
-    train_flat = {}
-    for i, path in enumerate(paths):
-      w = flat[path + "/kernel"]
-      leaves = self.init_matrix(jax.random.fold_in(key, i), w.astype(jnp.float32), spec,
-                                stats[path])
-      if self.drops_kernel:
-        del flat[path + "/kernel"]
-      for leaf, value in leaves.items():
-        if not jnp.issubdtype(value.dtype, jnp.integer):
-          value = value.astype(w.dtype)
-        (train_flat if leaf in self.trains else flat)[f"{path}/{leaf}"] = value
-    return base.unflatten(flat), base.unflatten(train_flat)
-
 
 per_layer = lowrank.per_layer  # one matrix at a time (batched LAPACK can deadlock on XLA:CPU)

@@ -199,15 +199,22 @@ class Member:
   def targets(self, params, spec) -> list[str]:
     return base.match(base.linear_paths(params), spec["targets"], what="linear layer")
 
+  def statistics(self, frozen, spec, calib, paths) -> dict:
+    """Per-path data an initialiser uses (data-driven members: `calibrate.Calibrated`)."""
+    del frozen, spec
+    return {p: calib.get(p) if isinstance(calib, Mapping) else None for p in paths}
+
   def init(self, key, frozen, spec, calib=None):
     """-> (frozen' with T(W0) and frozen factors, trainable factors)."""
     check_rank(spec)
+    paths = self.targets(frozen, spec)
+    stats = self.statistics(frozen, spec, calib, paths)
     flat = base.flatten(frozen)
     train_flat = {}
-    for i, path in enumerate(self.targets(frozen, spec)):
+    for i, path in enumerate(paths):
       w = flat[path + "/kernel"]
-      stats = calib.get(path) if isinstance(calib, Mapping) else None
-      leaves = self.init_matrix(jax.random.fold_in(key, i), w.astype(jnp.float32), spec, stats)
+      leaves = self.init_matrix(jax.random.fold_in(key, i), w.astype(jnp.float32), spec,
+                                stats[path])
       if self.drops_kernel:
         del flat[path + "/kernel"]
       for leaf, value in leaves.items():
