@@ -38,8 +38,8 @@ def load_model(cfg) -> Model:
     return Model(module, module.DecoderConfig.from_dict(fields), None, None, {})
   from jaxft.models import pretrained  # pylint: disable=g-import-not-at-top
   pcfg, params, tokenizer, meta = pretrained.load(cfg.model.pretrained, dtype=cfg.param_dtype)
-  # Architecture comes from the checkpoint; how to run it (remat) from the config.
-  pcfg = dataclasses.replace(pcfg, remat=fields["remat"])
+  # Architecture comes from the checkpoint; how to run it (remat, scan unroll) from the config.
+  pcfg = dataclasses.replace(pcfg, **{k: fields[k] for k in ("remat", "scan_unroll") if k in fields})
   return Model(module, pcfg, params, tokenizer, meta)
 
 

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 
 from jaxft.adapters import base, lowrank
 
-# kernel: "reference" (jnp) or "pallas" (the fused kernel, jaxft_kernels.lora_matmul).
-DEFAULTS = {**lowrank.COMMON, "kernel": "reference"}
+# kernel: "fused" (XLA, hand-written backward: jaxft.adapters.fused), "reference" (the
+# expression left to autodiff) or "pallas" (the fused kernel, jaxft_kernels.lora_matmul).
+DEFAULTS = {**lowrank.COMMON, "kernel": "fused"}
 
 
 def scale(spec: Mapping[str, Any]) -> float:

@@ -50,8 +50,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxft import names
-from jaxft.adapters import base
+from jaxft.adapters import base, fused
 from jaxft.models import decoder
+from jaxft.models import layers
 from jaxft.models.layers import lead
 
 # Fields every low-rank member has (so `--config.adapter.name=X` works on any config
@@ -64,9 +65,11 @@ COMMON = {
 }
 FACTORS = ("lora_a", "lora_b", "lora_m", "lora_d", "dora_mag", "sparse_index", "sparse_values")
 EXACT_SVD_MAX = 2048
-# How `linear_hook` computes x W + s h A B: plain jnp, or the fused Pallas kernel
-# (`adapter.kernel`; members with other factors always use the jnp path).
-KERNELS = ("reference", "pallas")
+# How `linear_hook` computes x W + s h A B (`adapter.kernel`; members with other factors
+# always use the reference path): 'fused' = plain XLA with a hand-written backward
+# (jaxft.adapters.fused; the default: same values, faster on XLA:CPU), 'reference' =
+# the expression left to autodiff, 'pallas' = the fused Pallas kernel.
+KERNELS = ("fused", "reference", "pallas")
 
 
 def lora_scale(spec) -> float:
@@ -267,7 +270,7 @@ class Member:
     s, rate = self.scale(spec), float(spec.get("dropout", 0.0))
     detach = bool(spec.get("detach_norm", True))
     member = self
-    kernel = spec.get("kernel", "reference")
+    kernel = spec.get("kernel", "fused")
     if kernel not in KERNELS:
       raise ValueError(names.unknown_message("adapter.kernel", kernel, KERNELS))
 
@@ -275,17 +278,17 @@ class Member:
       if not any(k in p for k in member.leaves):
         return decoder.dense(p, x, name, rng)
       w = member.base_fn(p).astype(x.dtype)
-      y = jnp.einsum("...i,io->...o", x, w)
-      h = x
-      if rate > 0.0 and rng is not None:
-        keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-        h = jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+      h = layers.dropout(x, rate, rng)
+      if kernel == "fused" and member.fusable(p):
+        y = fused.lora_linear(x, w, h, p["lora_a"].astype(x.dtype), p["lora_b"].astype(x.dtype), s)
+        return y + lead(p["bias"].astype(y.dtype), y.ndim) if "bias" in p else y
       if kernel == "pallas" and member.fusable(p):
         # The fused Pallas op (jaxft_kernels.lora_matmul): x W + s h A B in one kernel,
         # backward without dW for the frozen W.
         from jaxft_kernels.lora_matmul.ops import lora_linear  # pylint: disable=g-import-not-at-top
         return lora_linear(x, w, p["lora_a"].astype(x.dtype), p["lora_b"].astype(x.dtype), s,
                            bias=p.get("bias"), x_adapter=None if h is x else h)
+      y = jnp.einsum("...i,io->...o", x, w)
       if "lora_a" in p:
         t = h @ p["lora_a"].astype(x.dtype)
         if "lora_m" in p:

@@ -124,10 +124,7 @@ def linear_hook(spec):
   def mlp(p, h, cfg, *, rng, linear):
     del linear
     weights, probs, dispatch = route(h, p["moe_router"], top_k)
-    x = h
-    if rate > 0.0 and rng is not None:
-      keep = jax.random.bernoulli(rng, 1.0 - rate, h.shape)
-      x = jnp.where(keep, h / (1.0 - rate), jnp.zeros_like(h))
+    x = layers.dropout(h, rate, rng)
     up = _ffn_in(p["up"], h, x, s)
     act = (lambda z: jax.nn.gelu(z, approximate=cfg.gelu_approximate))
     if cfg.mlp == "gelu":

@@ -71,6 +71,7 @@ class DecoderConfig:
   final_softcap: float = 0.0
   query_scale: float = 0.0     # 0 = 1/sqrt(head_dim); Gemma 3: query_pre_attn_scalar**-0.5
   remat: str = 'none'          # 'none' | 'full' | 'dots' | 'dots_all' | 'offload_dots' (remat_policy)
+  scan_unroll: int = 1         # layers per scan iteration (lax.scan unroll; >= n_layers = no loop)
   param_dtype: str = 'float32'
   init_std: float = 0.02
 
@@ -412,7 +413,7 @@ def apply(params: Params, tokens_BxL: jax.Array, cfg: DecoderConfig, *,
   if cache is None and prefix is None:
     mask_BxLxS = layers.attention_mask(segment_ids, b, l)
     body = _block(cfg, linear, positions, mask_BxLxS)
-    x_BxLxD, (_, aux) = jax.lax.scan(body, x_BxLxD, xs)
+    x_BxLxD, (_, aux) = jax.lax.scan(body, x_BxLxD, xs, unroll=cfg.scan_unroll)
   else:  # a prefix without a cache runs through a throwaway cache of this call's length
     if segment_ids is None:
       segment_ids = jnp.ones((b, l), jnp.int32)

@@ -32,6 +32,26 @@ def lead(v: jax.Array, ndim: int) -> jax.Array:
   return v.reshape((1,) * (ndim - v.ndim) + v.shape)
 
 
+def dropout(x: jax.Array, rate: float, rng: Optional[jax.Array]) -> jax.Array:
+  """Inverted dropout: each entry kept with probability 1 - r and scaled by 1 / (1 - r).
+
+  r = round(rate * 2^16) / 2^16 (|r - rate| <= 7.7e-6): an entry is dropped when a 16-bit
+  uniform integer falls below round(rate * 2^16), so one 32-bit random word decides two
+  entries. `jax.random.bernoulli` draws a word per entry: twice the threefry work, which
+  was 0.16 s of a 1.7 s SmolLM2 LoRA step on the 2-core CPU. No-op for rate 0 or no rng.
+  """
+  threshold = round(float(rate) * 65536)
+  if threshold <= 0 or rng is None:
+    return x
+  if threshold >= 65536:
+    return jnp.zeros_like(x)
+  d = x.shape[-1]
+  words = jax.random.bits(rng, (*x.shape[:-1], (d + 1) // 2), jnp.uint32)
+  halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*x.shape[:-1], -1)[..., :d]
+  scale = jnp.asarray(65536 / (65536 - threshold), x.dtype)
+  return jnp.where(halves >= threshold, x * scale, jnp.zeros_like(x))
+
+
 def dense(p: Params, x: jax.Array, name: str, rng: Optional[jax.Array]) -> jax.Array:
   """The default linear hook: `x @ p['kernel'] (+ p['bias'])`.
 

@@ -2,6 +2,9 @@
 
     loss = sum_t m_t * (logsumexp(z_t) - z_t[y_t]) / sum_t m_t
 
+`accuracy` counts a token right when its target's logit is the largest (a tie with another
+token counts as right, where argmax would pick the lower id).
+
 Returns `(loss, metrics)`; every metric except `num_tokens` is a token-weighted
 mean, so the train step can accumulate microbatches (and hosts) exactly by
 weighting with `num_tokens`.
@@ -21,13 +24,16 @@ def loss_fn(logits_BxLxV, batch: Mapping[str, jax.Array], spec: Mapping[str, Any
   logits = logits_BxLxV.astype(jnp.float32)
   targets_BxL = batch["targets"]
   mask_BxL = batch["loss_mask"].astype(jnp.float32)
-  logz_BxL = jax.nn.logsumexp(logits, axis=-1)
+  # logsumexp and accuracy share one max over the vocabulary (an argmax is a second full
+  # pass over the logits: ~55 ms of a 1.8 s SmolLM2 step on the 2-core CPU).
+  max_BxL = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+  logz_BxL = max_BxL + jnp.log(jnp.sum(jnp.exp(logits - max_BxL[..., None]), axis=-1))
   picked_BxL = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
   nll_BxL = logz_BxL - picked_BxL
   num_tokens = jnp.sum(mask_BxL)
   denom = jnp.maximum(num_tokens, 1.0)
   xent = jnp.sum(nll_BxL * mask_BxL) / denom
-  correct = (jnp.argmax(logits, axis=-1) == targets_BxL).astype(jnp.float32)
+  correct = (picked_BxL >= max_BxL).astype(jnp.float32)  # target is a top logit (ties count)
   loss = xent
   z_loss = float(spec.get("z_loss", 0.0))
   if z_loss:
