@@ -135,11 +135,13 @@ def generate(target: str, prompts: list[str], *, max_new_tokens: int, temperatur
   return 0
 
 
-def perplexity(params, mcfg, rows, tokenizer, *, batch_size: int, max_batches: int) -> dict:
-  """Token-weighted held-out cross entropy and perplexity of plain params."""
+def perplexity(params, mcfg, rows, tokenizer, *, batch_size: int, max_batches: int,
+               module=decoder) -> dict:
+  """Token-weighted held-out cross entropy and perplexity of plain params (`module`: the
+  model family's module, e.g. `build.Model.module`: decoder or hyena)."""
   step = jax.jit(lambda p, b: objectives.xent.loss_fn(
-      decoder.apply(p, b["tokens"], mcfg, positions=b["positions"],
-                    segment_ids=b["segment_ids"]), b)[1])
+      module.apply(p, b["tokens"], mcfg, positions=b["positions"],
+                   segment_ids=b["segment_ids"]), b)[1])
   it = data.make_pipeline(rows, tokenizer, batch_size=batch_size, seq_len=rows.arrays[
       "tokens"].shape[1], seed=0, vocab_size=mcfg.vocab_size, shuffle=False, repeat=False)
   loss_sum = tokens = 0.0
@@ -162,7 +164,8 @@ def eval_command(target: str, *, config_name: str, overrides, out: str) -> int:
   split = build.make_split(cfg, "eval", tokenizer, model)
   result = {"target": target, "step": step, "data": cfg.data.name,
             **perplexity(model.params, model.cfg, split.rows, tokenizer,
-                         batch_size=cfg.batch_size, max_batches=cfg.eval_batches)}
+                         batch_size=cfg.batch_size, max_batches=cfg.eval_batches,
+                         module=model.module)}
   if split.examples is not None and cfg.eval_examples > 0:
     stop_ids = build.stop_ids(model, tokenizer)
     result["task"] = evaluate.task_accuracy(

@@ -196,3 +196,30 @@ def test_gguf_smollm2_export_loads_in_transformers(tmp_path):
   cfg2, params2, meta2 = hf.load_hf(tmp_path)  # and back: rotate-half layout, same logits
   assert cfg2.rope_layout == "half" and meta2["special_ids"] == meta["special_ids"]
   assert np.abs(_jaxft_logits(cfg2, params2, tokens) - got).max() <= 1e-4
+
+
+@needs_torch
+def test_merged_ssf_biases_are_exported_not_dropped(tmp_path):
+  """SSF's shift merges into a bias the base had none of: the export turns on Llama's
+  attention_bias / mlp_bias flags (zero biases where needed) and transformers agrees."""
+  from jaxft import adapters
+  config, cls = _tiny("llama")
+  config.attention_bias = config.mlp_bias = False
+  torch.manual_seed(1)
+  cls(config).eval().save_pretrained(tmp_path / "hf")
+  cfg, params, _ = hf.load_hf(tmp_path / "hf")
+  assert not cfg.attn_bias and not cfg.mlp_bias
+  spec = {**adapters.ssf.DEFAULTS, "targets": ("attn/v$", "mlp/down$")}
+  frozen, trainable = adapters.ssf.init(jax.random.PRNGKey(0), params, spec)
+  trainable = jax.tree.map(lambda t: t + 0.3 * jax.random.normal(jax.random.PRNGKey(2), t.shape),
+                           trainable)
+  merged = adapters.ssf.merge(frozen, trainable, spec)
+  want = _jaxft_logits(cfg, merged, TOKENS)
+  assert np.abs(want - _jaxft_logits(cfg, params, TOKENS)).max() > 1e-2  # the shift matters
+  hf.save_hf(tmp_path / "out", cfg, merged, architecture="llama")
+  saved = json.loads((tmp_path / "out" / "config.json").read_text())
+  assert saved["attention_bias"] and saved["mlp_bias"]
+  got = _hf_logits(_reload(tmp_path / "out"), TOKENS)
+  assert np.abs(got - want).max() <= TOL, np.abs(got - want).max()
+  with pytest.raises(ValueError, match="mlp/down"):
+    hf.promote_biases(dataclasses.replace(cfg), merged, "gemma3")

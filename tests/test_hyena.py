@@ -1,6 +1,7 @@
 """Hyena long-convolution LM: every conv_impl agrees, causality, partial filters, the kernel
 path gives the reference path's loss and gradients, and a CLI run learns."""
 import dataclasses
+import json
 import os
 
 import jax
@@ -127,3 +128,10 @@ def test_cli_trains_the_kernel_path(tmp_path):
           if "loss" in r and r.get("split") is None and "event" not in r]
   losses = [r["loss"] for r in rows]
   assert len(losses) == 10 and np.mean(losses[-3:]) < losses[0] - 0.3, losses
+  # `jaxft eval` on the run: perplexity goes through the run's own model family (hyena)
+  out = os.path.join(tmp_path, "eval.json")
+  assert cli.main(["eval", str(tmp_path), "--out", out]) == 0
+  with open(out) as f:
+    res = json.load(f)
+  assert res["num_tokens"] > 0 and np.isfinite(res["perplexity"])
+  assert abs(np.log(res["perplexity"]) - res["xent"]) < 1e-6

@@ -219,6 +219,39 @@ _REQUIRED = {
 }
 
 
+# Which jaxft bias leaves one HF config flag switches on, per layout (None: no flag).
+_BIAS_FLAGS = {'llama': {('attn', n): ('attn_bias', 'out_bias') for n in 'qkvo'}
+               | {('mlp', n): ('mlp_bias',) for n in ('gate', 'up', 'down')},
+               'qwen2': {('attn', n): ('attn_bias',) for n in 'qkv'}}
+
+
+def promote_biases(cfg: DecoderConfig, params: dict, arch: str) -> tuple[DecoderConfig, dict]:
+  """Merged adapters can add biases the base had none of (SSF's shift, a merged bias
+  adapter): switch on the layout's bias flag for them and give the other linears under
+  that flag zero biases, so nothing is dropped on export. ValueError if the layout has no
+  flag for a bias that is there."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  layers = params.get('layers', {})
+  have = {(g, n) for g, group in layers.items() if isinstance(group, dict)
+          for n, lin in group.items() if isinstance(lin, dict) and 'bias' in lin}
+  flags = _BIAS_FLAGS.get(arch, {})
+  missing = [] if arch == 'gpt2' else sorted(f'{g}/{n}' for g, n in have - flags.keys())
+  if missing:
+    raise ValueError(f"cannot export as {arch}: the merged model has biases on {', '.join(missing)} "
+                     "and the layout has no bias for them")
+  on = {f for key in have if key in flags for f in flags[key]}
+  on = {f for f in on if not getattr(cfg, f)}
+  if not on:
+    return cfg, params
+  layers = {g: dict(group) if isinstance(group, dict) else group for g, group in layers.items()}
+  for (g, n), fs in flags.items():
+    lin = layers.get(g, {}).get(n)
+    if set(fs) & on and isinstance(lin, dict) and 'bias' not in lin:
+      k = lin['kernel']
+      layers[g][n] = {**lin, 'bias': np.zeros((*k.shape[:-2], k.shape[-1]), k.dtype)}
+  return dataclasses.replace(cfg, **{f: True for f in on}), {**params, 'layers': layers}
+
+
 def check_exportable(cfg: DecoderConfig, arch: str) -> None:
   """ValueError listing every field of `cfg` the layout `arch` cannot express."""
   bad = [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in _REQUIRED[arch].items()
@@ -463,6 +496,7 @@ def save_hf(directory: str | os.PathLike, cfg: DecoderConfig, params: dict, *, a
   if arch is None:
     raise ValueError(f"unsupported architecture {architecture!r}; "
                      f"supported: {', '.join(ARCHITECTURES)}")
+  cfg, params = promote_biases(cfg, params, arch)
   check_exportable(cfg, arch)
   directory = Path(directory).expanduser()
   directory.mkdir(parents=True, exist_ok=True)
