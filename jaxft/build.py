@@ -99,8 +99,10 @@ def build_task(cfg, model: Model):
   adapter = names.lookup(adapters.ADAPTERS, cfg.adapter.name, "adapter")
   objective = names.lookup(objectives.OBJECTIVES, cfg.objective.name, "objective")
   apply = lambda params, tokens, **kw: module.apply(params, tokens, mcfg, **kw)
-  return train.Task(apply, adapter, section(cfg, "adapter"), objective.loss_fn,
+  task = train.Task(apply, adapter, section(cfg, "adapter"), objective.loss_fn,
                     section(cfg, "objective"))
+  # + the dense KD teacher, CAST weight scaling, the adapter's optimizer transform (CoDyRA).
+  return train.with_extras(task, cfg)
 
 
 def needs_calibration(task: train.Task) -> int:
@@ -163,10 +165,10 @@ def init_sharded_state(cfg, model: Model, task: train.Task, tx, mesh, *, train_r
   return state, shardings, abstract
 
 
-def abstract_checkpoint(abstract: train.TrainState, shardings: train.TrainState):
+def abstract_checkpoint(abstract: train.TrainState, shardings: train.TrainState, adapter=None):
   """The restore target: checkpointed leaves as ShapeDtypeStructs carrying their shardings."""
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      checkpointed(abstract), checkpointed(shardings))
+                      checkpointed(abstract, adapter), checkpointed(shardings, adapter))
 
 
 def state_shardings(abstract: train.TrainState, model, mcfg, task: train.Task, tx, mesh):
@@ -181,10 +183,42 @@ def state_shardings(abstract: train.TrainState, model, mcfg, task: train.Task, t
   return train.TrainState(rep, frozen, trainable, opt, rep)
 
 
-def checkpointed(state: train.TrainState) -> dict:
-  """What a checkpoint holds of the state (frozen params are rebuilt from the config)."""
-  return {"step": state.step, "trainable": state.trainable, "opt_state": state.opt_state,
-          "rng": state.rng}
+def mutable_paths(adapter, frozen, trainable) -> list[str]:
+  """Frozen leaves a periodic adapter update changes (saved in checkpoints).
+
+  An adapter declares leaf names in `MUTABLE` (e.g. SpIEL's ('sd_idx',)); a frozen
+  leaf `<linear>/<name>` is mutable when its name is listed and the adapter trains
+  something under the same `<linear>`.
+  """
+  names_ = tuple(getattr(adapter, "MUTABLE", ()) if adapter is not None else ())
+  if not names_:
+    return []
+  trained = {p.rpartition("/")[0] for p in adapters.base.flatten(trainable)}
+  return [p for p in adapters.base.flatten(frozen)
+          if p.rpartition("/")[2] in names_ and p.rpartition("/")[0] in trained]
+
+
+def checkpointed(state: train.TrainState, adapter=None) -> dict:
+  """What a checkpoint holds of the state: frozen params are rebuilt from the config,
+  except the adapter's `MUTABLE` leaves (`mutable_paths`), saved under 'mutable'."""
+  out = {"step": state.step, "trainable": state.trainable, "opt_state": state.opt_state,
+         "rng": state.rng}
+  paths = mutable_paths(adapter, state.frozen, state.trainable)
+  if paths:
+    flat = adapters.base.flatten(state.frozen)
+    out["mutable"] = adapters.base.unflatten({p: flat[p] for p in paths})
+  return out
+
+
+def restored_state(state: train.TrainState, saved: dict) -> train.TrainState:
+  """`state` with a checkpoint's leaves put back (its saved mutable frozen leaves included)."""
+  frozen = state.frozen
+  if "mutable" in saved:
+    flat = dict(adapters.base.flatten(frozen))
+    flat.update(adapters.base.flatten(saved["mutable"]))
+    frozen = adapters.base.unflatten(flat)
+  return train.TrainState(saved["step"], frozen, saved["trainable"], saved["opt_state"],
+                          saved["rng"])
 
 
 def config_of_run(workdir: str) -> ml_collections.ConfigDict:
@@ -211,12 +245,13 @@ def restore_params(workdir: str, devices=None):
   state, shardings, abstract = init_sharded_state(cfg, model, task, tx, mesh)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
   try:
-    restored = ckpt.restore_latest(abstract_checkpoint(abstract, shardings))
+    restored = ckpt.restore_latest(abstract_checkpoint(abstract, shardings, task.adapter))
   finally:
     ckpt.close()
   if restored is None:
     raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint to load")
   step, saved, _, _ = restored
+  state = restored_state(state, saved)
   params = jax.jit(lambda f, t: task.adapter.merge(f, t, task.adapter_spec))(
-      state.frozen, saved["trainable"])
+      state.frozen, state.trainable)
   return cfg, model._replace(params=params), tokenizer_for(cfg, model), step

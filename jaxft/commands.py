@@ -65,7 +65,8 @@ def export(workdir: str, *, fmt: str, out: str) -> int:
 
 
 def restore_unmerged(workdir: str):
-  """(cfg, build.Model with the base params, task, state at init, trained trainable, step)."""
+  """(cfg, build.Model with the base params, task, state at init (its mutable frozen leaves
+  as saved), trained trainable, step)."""
   from jaxft import checkpoint, optimizers, sharding  # pylint: disable=g-import-not-at-top
   cfg = build.config_of_run(workdir)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, [jax.devices()[0]])
@@ -75,12 +76,14 @@ def restore_unmerged(workdir: str):
   state, shardings, abstract = build.init_sharded_state(cfg, model, task, tx, mesh)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
   try:
-    restored = ckpt.restore_latest(build.abstract_checkpoint(abstract, shardings))
+    restored = ckpt.restore_latest(build.abstract_checkpoint(abstract, shardings, task.adapter))
   finally:
     ckpt.close()
   if restored is None:
     raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint to load")
   step, saved, _, _ = restored
+  # frozen leaves a periodic update changed (e.g. SpIEL's indices) come from the checkpoint
+  state = state._replace(frozen=build.restored_state(state, saved).frozen)
   return cfg, model, task, state, saved["trainable"], step
 
 

@@ -107,14 +107,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
                                                          train_rows=train_rows)
 
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
-  restored = ckpt.restore_latest(build.abstract_checkpoint(abstract, shardings))
+  restored = ckpt.restore_latest(build.abstract_checkpoint(abstract, shardings, task.adapter))
   config_dict = json.loads(cfg.to_json())
   start = 0
   book_msgs = []
   if restored is not None:
     start, saved, data_state, saved_config = restored
-    state = train.TrainState(saved["step"], state.frozen, saved["trainable"],
-                             saved["opt_state"], saved["rng"])
+    state = build.restored_state(state, saved)  # incl. frozen leaves an update changed
     train_iter.set_state(data_state)
     book_msgs.append(f"resumed from step {start} in {ckpt.directory}")
     for line in _config_diff(saved_config, config_dict):
@@ -134,6 +133,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
                     for k, v in train_rows.arrays.items()}
   step_fn = step_fn.lower(state, abstract_batch).compile()  # ahead of time: timed, not in step 1
   compile_s = time.perf_counter() - t0
+  update = periodic_update(cfg, task, shardings)
 
   # ---------------------------------------------------------------- loop
   book = logbook.Logbook(workdir, total_steps=cfg.steps, start_step=start, enabled=is_main,
@@ -142,7 +142,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(config_dict, f, indent=1)
   n_train = adapters.count_params(state.trainable)
-  n_total = n_train + adapters.count_params(state.frozen)
+  n_total = n_train + adapters.count_params(  # the KD teacher copy is not part of the model
+      {k: v for k, v in state.frozen.items() if k != train.TEACHER})
   opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
   book.message(
       f"jaxft: {cfg.adapter.name} on {cfg.model.get('pretrained') or cfg.model.name} | trainable params {n_train:,} of {n_total:,} "
@@ -182,8 +183,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
       dt = time.perf_counter() - t0
       if not metrics["finite"]:
         _stop_nonfinite(step + 1, metrics, state, ckpt, saved_step, data_state, config_dict, book,
-                        cfg)
+                        cfg, task.adapter)
       step += 1
+      if update is not None and step % update.every == 0:
+        t1 = time.perf_counter()
+        state = jax.block_until_ready(update(state, step, batch))
+        book.write({"step": step, "event": "adapter_update",
+                    "seconds": time.perf_counter() - t1})
       last = {"step": step, "loss": float(metrics["loss"]),
               "learning_rate": float(schedule(step - 1)), "grad_norm": float(metrics["grad_norm"]),
               "tokens_per_s": tokens_per_step / dt, "step_time_s": dt,
@@ -202,7 +208,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
         if accuracy is not None:
           accuracy(state, step)
       if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-        ckpt.save(step, build.checkpointed(state), data_state=train_iter.get_state(),
+        ckpt.save(step, build.checkpointed(state, task.adapter), data_state=train_iter.get_state(),
                   config=config_dict)
         saved_step = step
     ckpt.wait()
@@ -210,6 +216,43 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool | None =
     ckpt.close()
     book.close()
   return {"step": step, "final": last, "workdir": workdir, "state": state}
+
+
+def periodic_update(cfg, task: train.Task, shardings: train.TrainState):
+  """`fn(state, step, batch) -> state` running the adapter's periodic update, or None.
+
+  Contract (SpIEL reselection, HFT stages, SST rounds): an adapter module may define
+  `periodic(spec) -> k` (steps; 0 = never) and `update(key, state, step, task, batch)
+  -> TrainState`, called outside the compiled step after every step with step % k == 0
+  (`batch`: that step's device batch, `key`: fold_in(PRNGKey(seed), step)). The new
+  state must keep every leaf's shape and dtype; it is put back onto the step's
+  shardings, so the ahead-of-time compiled step is reused as is. Frozen leaves it
+  changes are named in the module's `MUTABLE` (saved in checkpoints, see
+  `build.checkpointed`).
+  """
+  adapter, spec = task.adapter, task.adapter_spec
+  if not hasattr(adapter, "update"):
+    return None
+  if not hasattr(adapter, "periodic"):
+    raise ValueError(f"adapter {spec.get('name')!r} defines update() but not periodic(spec)")
+  every = int(adapter.periodic(spec))
+  if every <= 0:
+    return None
+  base_key = jax.random.PRNGKey(cfg.seed)
+
+  def fn(state, step, batch):
+    if step % every:
+      return state
+    new = adapter.update(jax.random.fold_in(base_key, step), state, step, task, batch)
+    before = jax.tree.map(lambda x: (x.shape, x.dtype), state)
+    after = jax.tree.map(lambda x: (x.shape, x.dtype), new)
+    if before != after:
+      raise ValueError(f"adapter {spec.get('name')!r}: update() changed the state's structure, "
+                       "shapes or dtypes; it must keep them (the compiled step is reused)")
+    return jax.device_put(new, shardings)
+
+  fn.every = every
+  return fn
 
 
 def _accuracy_fn(cfg, model: build.Model, task: train.Task, tokenizer, eval_split, book):
@@ -242,11 +285,12 @@ def _accuracy_fn(cfg, model: build.Model, task: train.Task, tokenizer, eval_spli
   return fn
 
 
-def _stop_nonfinite(step, metrics, state, ckpt, saved_step, data_state, config_dict, book, cfg):
+def _stop_nonfinite(step, metrics, state, ckpt, saved_step, data_state, config_dict, book, cfg,
+                    adapter=None):
   """Saves the last good state (the step did not apply the update) and raises."""
   good = int(jax.device_get(state.step))
   if good != saved_step and good > 0:
-    ckpt.save(good, build.checkpointed(state), data_state=data_state, config=config_dict)
+    ckpt.save(good, build.checkpointed(state, adapter), data_state=data_state, config=config_dict)
     ckpt.wait()
   where = f"saved at step {good}" if good > 0 else "nothing to save (no update had been applied)"
   msg = (f"non-finite loss at step {step}: loss={float(metrics['loss'])}, "

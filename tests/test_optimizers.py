@@ -50,8 +50,8 @@ CASES = [
     Case("spsa", lambda lr: optimizers.spsa(lr), quad_lr=0.005, lm_lr=1e-3, kind="zeroth_order"),  # test_sam_zo.py
     Case("fedkseed", lambda lr: optimizers.fedkseed(lr, num_seeds=16), quad_lr=0.005, lm_lr=1e-3,
          kind="zeroth_order"),  # test_sam_zo.py
-    # zo_subspace: estimates projected on the span of the last 4 barely descend here (0.99x).
-    Case("zo_subspace", lambda lr: optimizers.zo_subspace(lr, history=4), quad_lr=0.001, lm_lr=1e-3,
+    # zo_subspace: perturbed inside span(last 4 estimates + 4 random), 0.62x here (spsa 0.35x).
+    Case("zo_subspace", lambda lr: optimizers.zo_subspace(lr, history=4), quad_lr=0.005, lm_lr=1e-3,
          kind="zeroth_order"),  # test_sam_zo.py
 ]
 IDS = [c.name for c in CASES]
@@ -84,7 +84,7 @@ def test_converges_on_quadratic(case):
     (p, _), _ = jax.lax.scan(body, (params, tx.init(params)), None, length=steps)
     return p
 
-  bound = 0.02 if case.kind == "gradient" else (0.9 if case.name != "zo_subspace" else 1.0)
+  bound = 0.02 if case.kind == "gradient" else 0.9
   assert float(loss(run(params))) < bound * float(loss(params))
 
 

@@ -111,3 +111,41 @@ def test_cli_train_then_export_peft_with_base(tmp_path, capsys):
                                rtol=1e-4, atol=1e-4)
   assert cli.main(["export", str(work), "--format", "onnx", "--out", str(out)]) == 1
   assert "valid: hf, peft, peft+base" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["corda", "lora_ga"])
+def test_residual_base_members_export_against_the_original_base(name, tmp_path):
+  """CorDA and LoRA-GA freeze W_res = W0 - s A0 B0: a plain LoRA of the moved (A, B) on the
+  original base would give W0 + s A B; the export must give W_res + s A B (rank 2r)."""
+  from jaxft import objectives  # pylint: disable=g-import-not-at-top
+  from jaxft.adapters import calibrate  # pylint: disable=g-import-not-at-top
+  params = decoder.init(jax.random.PRNGKey(0), CFG)
+  params = jax.tree.map(lambda x: x * 4.0 if x.ndim == 3 else x, params)
+  hf.save_hf(tmp_path / "base", CFG, jax.device_get(params), architecture="llama")
+  tok = jax.random.randint(jax.random.PRNGKey(3), (2, 4, 9), 0, CFG.vocab_size)
+  batches = {"tokens": tok[..., :-1], "targets": tok[..., 1:],
+             "loss_mask": jnp.ones((2, 4, 8), jnp.float32),
+             "segment_ids": jnp.ones((2, 4, 8), jnp.int32),
+             "positions": jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (2, 4, 8))}
+  calib = calibrate.Calibration(lambda p, t, **kw: decoder.apply(p, t, CFG, **kw),
+                                objectives.xent.loss_fn, objectives.xent.DEFAULTS, batches)
+  adapter = adapters.ADAPTERS[name]
+  s = {**adapters.DEFAULTS[name], "name": name, "rank": 4, "dropout": 0.0}
+  frozen, init_t = adapter.init(jax.random.PRNGKey(1), params, s, calib)
+  flat_f, flat_p = base.flatten(frozen), base.flatten(params)
+  assert not np.allclose(flat_f["layers/attn/q/kernel"], flat_p["layers/attn/q/kernel"])
+  leaves, treedef = jax.tree.flatten(init_t)
+  keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+  trained = jax.tree.unflatten(treedef, [x + 0.2 * jax.random.normal(k, x.shape)
+                                         for x, k in zip(leaves, keys)])
+  tensors, config = peft_format.peft_adapter(adapter.MEMBER, s, trained, frozen, init_t, CFG)
+  assert config["r"] == 8 and config["lora_alpha"] / config["r"] == adapter.MEMBER.scale(s)
+  peft_format.save_peft(str(tmp_path / "adapter"), tensors, config)
+  ours = np.asarray(decoder.apply(adapter.combine(frozen, trained, s), jnp.asarray(TOKENS), CFG,
+                                  linear=adapter.linear_hook(s)))
+  model = _torch_model(str(tmp_path / "base"), str(tmp_path / "adapter"))
+  with torch.no_grad():
+    theirs = model(torch.tensor(TOKENS, dtype=torch.long)).logits.numpy()
+  np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4)
+  assert not np.allclose(ours, np.asarray(decoder.apply(params, jnp.asarray(TOKENS), CFG)),
+                         atol=1e-3)

@@ -13,11 +13,13 @@ how a member plugs in.
 """
 from jaxft.adapters import base, full, halo, lowrank
 from jaxft.adapters import lora, rslora, dora, pissa, milora
-from jaxft.adapters import kasa, svfit, lora_xs, sltrain, dsee, pego, codyra, mixlora
+from jaxft.adapters import kasa, svfit, lora_xs, sltrain, dsee, pego, codyra, mixlora, sst
 from jaxft.adapters import qlora, lq_lora, l4q, qalora, lora_ga, eva, corda, lora_sb  # part B
 from jaxft.adapters import ssf, ia3, bottleneck, compacter, prompt, spectral, said  # part 2
 from jaxft.adapters import monarch_adapter  # part 2
+from jaxft.adapters import ept, polyhistor, levi  # part 2: prompt, hypernetwork, side network
 from jaxft.adapters import spiel, hft, paca, s2ft, lt_sft  # sparse / masked deltas
+from jaxft.adapters import grafting, compeft, light_peft, freezing  # selection / post-hoc (P2)
 from jaxft.adapters.base import TargetError, count_params
 
 ADAPTERS = {
@@ -37,6 +39,7 @@ ADAPTERS = {
     "sltrain": sltrain,
     "pego": pego,
     "mixlora": mixlora,
+    "sst": sst,  # spectral form U diag(S) V^T, sampled singular vectors per round
     # quantized bases and data-driven initialisers (part B)
     "qlora": qlora,
     "lq_lora": lq_lora,
@@ -58,11 +61,21 @@ ADAPTERS = {
     "loca": spectral.loca,
     "said": said,
     "monarch": monarch_adapter,
+    "ept": ept,
+    "polyhistor": polyhistor,
+    "levi": levi,
     # sparse and masked deltas (jaxft/adapters/sparse_delta.py, docs/adapters_sparse.md)
     "spiel": spiel,
     "hft": hft,
     "paca": paca,
     "s2ft": s2ft,
     "lt_sft": lt_sft,
+    # selection and post-hoc sparse members (P2; docs/adapters_sparse.md)
+    "grafting": grafting,
+    "compeft": compeft,
+    "light_peft": light_peft,
+    "greentrainer": freezing.greentrainer,
+    "slimfit": freezing.slimfit,
+    "telly": freezing.telly,
 }
 DEFAULTS = {name: module.DEFAULTS for name, module in ADAPTERS.items()}

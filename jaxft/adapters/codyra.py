@@ -9,8 +9,12 @@ LoRA with a learned per-rank importance under an ℓ1 penalty applied proximally
 
 A kaiming, B = 0, w = 1 [uncertain]; A, w, B train. Ranks whose w hits 0 are
 pruned (`active_ranks`); after a task the update is merged exactly (`merge`).
-The proximal step is an optax transform, `proximal(lam, learning_rate)`, chained
-after the optimizer (it acts only on `lora_d` leaves).
+The proximal step is an optax transform, `proximal(lam, learning_rate)`: it turns
+the optimizer's update u of each `lora_d` into prox(w + u) − w, so after the step
+w = soft_threshold(w + u, λ η_t) with η_t the learning rate of that update
+(`adapter.l1` is λ). `optimizer_transform(spec, schedule)` is the adapter contract
+(`jaxft.optimizers.compose.adapter_transform`): the train step applies it after the
+optimizer on every update, giving it the update number so η_t = schedule(t).
 """
 from __future__ import annotations
 
@@ -46,15 +50,28 @@ def proximal(lam: float, learning_rate) -> optax.GradientTransformation:
     del params
     return ProxState(jnp.zeros((), jnp.int32))
 
-  def update_fn(updates, state, params=None):
-    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+  def update_fn(updates, state, params=None, *, step=None, **extra):
+    """`step` (optional): the number of updates already applied; default: own count."""
+    del extra
+    if params is None:
+      raise ValueError("codyra's proximal step needs params (prox acts on w + u)")
+    count = state.count if step is None else step
+    lr = learning_rate(count) if callable(learning_rate) else learning_rate
     tau = lam * lr
     flat_u, flat_p = base.flatten(updates), base.flatten(params)
     out = {k: (soft_threshold(flat_p[k] + u, tau).astype(u.dtype) - flat_p[k]
                if k.endswith("/lora_d") else u) for k, u in flat_u.items()}
     return base.unflatten(out), ProxState(state.count + 1)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def optimizer_transform(spec, schedule) -> optax.GradientTransformation:
+  """The ℓ1 prox on w with threshold `adapter.l1` · η_t (the adapter's optimizer contract)."""
+  lam = float(spec["l1"])
+  if lam < 0:
+    raise ValueError(f"adapter.l1 must be >= 0, got {lam}")
+  return proximal(lam, schedule)
 
 
 def active_ranks(trainable) -> int:

@@ -19,6 +19,12 @@ optimizer therefore holds state for every stacked kernel (the reported trainable
 count is the full stacks; `active_params` gives the half that trains). `restage`
 starts a new stage: W0 ← W0 + Δ, Δ ← 0, new flags, optimizer moments zeroed.
 Embeddings, norms and the head stay frozen (`hft_extra` is not implemented).
+
+In the trainer (`jaxft.runner.periodic_update`): `periodic(spec)` = `stage_steps`
+(0 = one stage for the whole run); `update` calls `restage` after every
+`stage_steps` steps with stage = `stage` + step // stage_steps. The flags and the
+folded W0 are `MUTABLE` frozen leaves, saved in checkpoints so a resumed run
+continues the same stage.
 """
 from __future__ import annotations
 
@@ -31,11 +37,12 @@ import numpy as np
 from jaxft.adapters import base, featurewise
 from jaxft.models.layers import lead
 
-DEFAULTS = {"targets": featurewise.LINEARS, "stage": 0}
+DEFAULTS = {"targets": featurewise.LINEARS, "stage": 0, "stage_steps": 0}
 ATTN = ("attn/q", "attn/k", "attn/v", "attn/o")
 MLP = ("mlp/gate", "mlp/up", "mlp/down")
 ON, DELTA = "hft_on", "hft_delta"
 MERGEABLE = True
+MUTABLE = (ON, "kernel")  # changed by `update`: saved in checkpoints (build.checkpointed)
 
 
 def masks(key, n_layers: int, stage: int) -> dict[str, jax.Array]:
@@ -141,3 +148,21 @@ def restage(key, frozen, trainable, opt_state, stage: int):
   zero = lambda x: jnp.zeros_like(x) if tuple(getattr(x, "shape", ())) in shapes else x
   return (base.unflatten(flat), jax.tree.map(jnp.zeros_like, trainable),
           jax.tree.map(zero, opt_state))  # moments zeroed; step counts (schedules) kept
+
+
+def periodic(spec) -> int:
+  """Steps per stage (0 = never restage)."""
+  k = int(spec.get("stage_steps", 0))
+  if k < 0:
+    raise ValueError(f"adapter.stage_steps={k!r} is invalid; valid: 0 (one stage) or >= 1")
+  return k
+
+
+def update(key, state, step: int, task, batch):
+  """Runner hook: `restage` into stage `stage` + step // stage_steps (batch unused)."""
+  del batch
+  spec = task.adapter_spec
+  stage = int(spec.get("stage", 0)) + step // periodic(spec)
+  frozen, trainable, opt_state = restage(key, state.frozen, state.trainable, state.opt_state,
+                                         stage)
+  return state._replace(frozen=frozen, trainable=trainable, opt_state=opt_state)

@@ -5,11 +5,14 @@ with jaxft's x W convention lora_A.weight = Aᵀ (r, d_in), lora_B.weight = Bᵀ
 (d_out, r), scaling = lora_alpha / r (or / sqrt(r) with use_rslora). DoRA adds
 `lora_magnitude_vector` (d_out,) = jaxft's `dora_mag`.
 
-Members whose frozen base is not W0 (PiSSA, MiLoRA: W_res = W0 - s A0 B0) are
-exported relative to the *original* base, as PEFT's own PiSSA conversion does:
+Members whose frozen base is not W0 (PiSSA, MiLoRA, CorDA, LoRA-GA: W_res = W0 -
+s A0 B0) are exported relative to the *original* base, as PEFT's own conversion of
+its pissa / corda / lora_ga inits does (`save_pretrained(...,
+path_initial_model_for_weight_conversion=...)` -> `subtract_mutated_init`):
 W_res + s A B - W0 = s (A B - A0 B0), a rank-2r LoRA with A' = [A, A0] and
 B' = [B; -B0] (A0, B0 = the factors at init, rebuilt from the run's config and
-seed), so `PeftModel.from_pretrained(original base, DIR)` reproduces the run.
+seed; for CorDA / LoRA-GA that includes the calibration pass), so
+`PeftModel.from_pretrained(original base, DIR)` reproduces the run.
 
 Q/K of a GGUF-imported model (interleaved RoPE layout) get the same output-row
 permutation the HF weight export applies (to B and the magnitude; A's input
@@ -30,6 +33,17 @@ HF_NAMES = {"attn/q": "self_attn.q_proj", "attn/k": "self_attn.k_proj",
             "attn/v": "self_attn.v_proj", "attn/o": "self_attn.o_proj",
             "mlp/gate": "mlp.gate_proj", "mlp/up": "mlp.up_proj", "mlp/down": "mlp.down_proj"}
 KINDS = ("lora", "dora", "lora_residual")
+# Members that declare peft='lora' but freeze W_res = W0 - s A0 B0 (their adapter is
+# non-zero at init): exported as 'lora_residual' whatever their module says.
+RESIDUAL_BASE = ("corda", "lora_ga")
+
+
+def export_kind(member) -> str | None:
+  """The PEFT form of a member: 'lora', 'dora', 'lora_residual' or None (no PEFT form)."""
+  kind = getattr(member, "peft", None)
+  if kind == "lora" and getattr(member, "name", None) in RESIDUAL_BASE:
+    return "lora_residual"
+  return kind
 
 
 def _permute(x: np.ndarray, path: str, cfg) -> np.ndarray:
@@ -58,15 +72,17 @@ def peft_adapter(member, spec: Mapping[str, Any], trainable, frozen, init_traina
     member: a `lowrank.Member` with `peft` in KINDS.
     spec: the adapter spec (rank, alpha, dropout, ...).
     trainable, frozen: the run's trees (host arrays or jax arrays).
-    init_trainable: the trainable tree at init (only 'lora_residual' uses it).
+    init_trainable: the trainable tree at init (only 'lora_residual' members use it:
+      pissa, milora, corda, lora_ga).
     cfg: the model's DecoderConfig (layer count, RoPE layout).
     base_model: written as base_model_name_or_path.
   """
-  kind = getattr(member, "peft", None)
+  kind = export_kind(member)
   if kind not in KINDS:
     name = getattr(member, "name", getattr(member, "__name__", str(member)))
     raise ValueError(f"adapter {name!r} has no PEFT form (PEFT export supports the members "
-                     "with plain low-rank factors: lora, rslora, dora, pissa, milora, pego)")
+                     "with plain low-rank factors: lora, rslora, dora, pissa, milora, pego, eva, "
+                     "corda, lora_ga)")
   flat = {k: np.asarray(v, np.float32) for k, v in base.flatten(trainable).items()}
   flat_init = {k: np.asarray(v, np.float32) for k, v in base.flatten(init_trainable).items()}
   del frozen  # members with a PEFT form keep no frozen factors; their base is W0 (or W_res)

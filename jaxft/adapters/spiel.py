@@ -20,9 +20,15 @@ f(t) = reselect_fraction · (1 + cos(π t / T)) / 2 (cosine decay over the run's
 steps). The paper draws 5× candidates; here every inactive entry is a candidate
 (the same set when the accumulated dense gradient is available). `grad_impl`:
 'sddmm' (no full weight gradient) or 'dense' (see `sparse_delta.linear`).
-Runner hook: every `reselect_every` steps call `reselect` with the regrowth scores
-(the dense gradient is only needed on those steps; `jaxft.runner` does not call it
-yet, so a plain `jaxft train` run trains a static random mask).
+In the trainer (`jaxft.runner.periodic_update`): `periodic(spec)` =
+`reselect_every` (0 = static mask) and `update` runs one `reselect` after every
+`reselect_every` steps. Its regrowth scores come from ONE extra jitted evaluation of
+the dense weight gradient G = ∂L/∂W (W = W0 + scatter(η, φ)) on that step's batch:
+AG scores |G| (the paper accumulates over a few steps of candidates; here one
+batch), MA scores the SM3 estimate min(max_j G², max_i G²) of that batch (the
+paper's running SM3 accumulators would need G every step; `sm3_update` can fold
+several batches when a caller has them). η (`sd_idx`) is `MUTABLE`: saved in
+checkpoints, so a resumed run continues with the same index set.
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ DEFAULTS = {"targets": (r"attn/(q|k|v|o)$", r"mlp/(gate|up|down)$"), "density": 
             "reselect_every": 20, "reselect_fraction": 0.2, "regrow": "ag", "total_steps": 0}
 REGROW = ("ag", "ma")
 MERGEABLE = True
+MUTABLE = (sd.IDX,)  # changed by `update`: saved in checkpoints (build.checkpointed)
 
 
 def init(key, frozen, spec: Mapping[str, Any], calib=None):
@@ -127,3 +134,50 @@ def zero_state(opt_state, keep: Mapping[str, Any]):
     return x
 
   return jax.tree_util.tree_map_with_path(fix, opt_state)
+
+
+def periodic(spec) -> int:
+  """Steps between reselections (0 = never: a static mask)."""
+  k = int(spec.get("reselect_every", 0))
+  if k < 0:
+    raise ValueError(f"adapter.reselect_every={k!r} is invalid; valid: 0 (static) or >= 1")
+  return k
+
+
+_GRADS: dict[int, Any] = {}  # id(task) -> (task, jitted dense-gradient fn)
+
+
+def dense_grads(task, frozen, trainable, batch):
+  """{linear path: ∂L/∂W} of the token-mean loss on `batch` at the merged weights (jitted)."""
+  hit = _GRADS.get(id(task))
+  if hit is None or hit[0] is not task:
+    paths = [p.rsplit("/", 1)[0] for p in base.flatten(trainable)]
+
+    def grads(frozen, trainable, batch):
+      flat = dict(base.flatten(merge(frozen, trainable, task.adapter_spec)))
+      kernels = {p: flat[p + "/kernel"].astype(jnp.float32) for p in paths}
+
+      def loss(kernels):
+        params = base.unflatten({**flat, **{p + "/kernel": w for p, w in kernels.items()}})
+        logits = task.apply(params, batch["tokens"], positions=batch.get("positions"),
+                            segment_ids=batch.get("segment_ids"), rng=None)
+        return task.objective(logits, batch, task.objective_spec)[0]
+
+      return jax.grad(loss)(kernels)
+
+    hit = _GRADS[id(task)] = (task, jax.jit(grads))
+  return hit[1](frozen, trainable, batch)
+
+
+def update(key, state, step: int, task, batch):
+  """Runner hook: one prune-and-regrow with scores from the dense gradient on `batch`."""
+  del key
+  spec = task.adapter_spec
+  g = dense_grads(task, state.frozen, state.trainable, batch)
+  if spec["regrow"] == "ma":
+    scores = sm3_scores(sm3_update({}, g))
+  else:
+    scores = {p: jnp.abs(x) for p, x in g.items()}
+  frozen, trainable, opt_state = reselect(state.frozen, state.trainable, state.opt_state, scores,
+                                          step, spec)
+  return state._replace(frozen=frozen, trainable=trainable, opt_state=opt_state)

@@ -401,6 +401,11 @@ def apply(params: Params, tokens_BxL: jax.Array, cfg: DecoderConfig, *,
   x_BxLxD = params['embed']['embedding'][tokens_BxL]
   if cfg.embed_scale:
     x_BxLxD = x_BxLxD * jnp.asarray(math.sqrt(cfg.d_model), x_BxLxD.dtype)
+  if 'input_delta' in params.get('prompt', {}):  # EPT: row i of (A B) joins input token i's embedding
+    delta_SxD, i_BxL = params['prompt']['input_delta'], positions - prefix[0].shape[1]
+    ok_BxLx1 = ((i_BxL >= 0) & (i_BxL < delta_SxD.shape[0]))[..., None]
+    rows_BxLxD = delta_SxD[jnp.clip(i_BxL, 0, delta_SxD.shape[0] - 1)]
+    x_BxLxD = x_BxLxD + jnp.where(ok_BxLx1, rows_BxLxD, 0).astype(x_BxLxD.dtype)
   if cfg.pos == 'learned':
     x_BxLxD = x_BxLxD + params['pos_embed']['embedding'][positions].astype(x_BxLxD.dtype)
 
@@ -433,6 +438,10 @@ def apply(params: Params, tokens_BxL: jax.Array, cfg: DecoderConfig, *,
                               preferred_element_type=jnp.float32)
   else:
     logits_BxLxV = linear(params['lm_head'], x_BxLxD.astype(jnp.float32), 'lm_head', head_rng)
+  # A side network (LEVI) over the taps `linear.mlp` reported rides on it as `linear.mlp.side`.
+  side = getattr(getattr(linear, 'mlp', None), 'side', None)
+  if side is not None:
+    logits_BxLxV, aux = side(params, tokens_BxL, logits_BxLxV, aux)
   logits_BxLxV = layers.softcap(logits_BxLxV.astype(jnp.float32), cfg.final_softcap)
   out = logits_BxLxV if cache is None else (logits_BxLxV, new_cache)
   return (out, {k: jnp.sum(v) for k, v in aux.items()}) if return_aux else out

@@ -7,9 +7,16 @@ teacher; the 0.33 / 0.67 mix follows the AST release):
     loss = ce_weight * CE(student, targets)
          + kd_weight * T^2 * sum_t m_t KL(softmax(z_teacher / T) || softmax(z_student / T)) / sum_t m_t
 
+with T = `temperature` and the distillation weight λ = `kd_weight` (the task-loss
+weight is `ce_weight`; ce_weight=1, kd_weight=λ gives "task loss + λ·KD").
+
 The teacher's logits arrive precomputed in `batch["teacher_logits"]` (B, L, V)
 (e.g. from `teacher_logits(apply, teacher_params, batch)`, under stop_gradient),
-so the objective stays a pure function of the student's logits.
+so the objective stays a pure function of the student's logits. With
+`teacher='initial'` (the default) a run supplies them itself: the train step keeps
+a frozen copy of the initial weights (the pretrained model, before any update) in
+`state.frozen['teacher']` and runs it on every batch (`jaxft.train.with_extras`);
+`teacher='batch'` expects the data to carry them.
 """
 from __future__ import annotations
 
@@ -20,7 +27,9 @@ import jax.numpy as jnp
 
 from jaxft.objectives import xent
 
-DEFAULTS: dict[str, Any] = {"ce_weight": 0.33, "kd_weight": 0.67, "temperature": 1.0}
+DEFAULTS: dict[str, Any] = {"ce_weight": 0.33, "kd_weight": 0.67, "temperature": 1.0,
+                            "teacher": "initial"}
+TEACHERS = ("initial", "batch")
 
 
 def teacher_logits(apply, teacher_params, batch):

@@ -23,7 +23,9 @@ and `prox_clip` (a mask-0 weight whose decay step alone would cross 0 is set to
 exactly 0). With `final_projection` the last step (`total_steps`) lands the
 weights exactly on their N:M mask, so the final checkpoint is N:M sparse
 (`nm_mask.assert_nm` verifies it). Weight Scaling and the dense self-teacher are
-in `jaxft.optimizers.weight_scale` and `jaxft.objectives.kd`.
+in `jaxft.optimizers.weight_scale` and `jaxft.objectives.kd`; a run turns them on
+with `optimizer.weight_scaling` and `objective.name='kd'` (`jaxft.train.with_extras`,
+configs `tiny_cast`, `smollm2_cast`, docs/cast.md).
 """
 from __future__ import annotations
 
@@ -146,7 +148,18 @@ def adams_cast(learning_rate, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, lam=1
   return optax.GradientTransformation(inner.init, update_fn)
 
 
+WEIGHT_SCALING = ("none", "learned", "norm_ratio")
+
+
 def _adams_cast(lr, spec):
+  # Weight Scaling changes the forward, not the update: the train step reads these two
+  # fields (jaxft.train.with_extras); they are checked here so a typo fails at build time.
+  if spec.get("weight_scaling", "none") not in WEIGHT_SCALING:
+    raise ValueError(names.unknown_message("optimizer.weight_scaling", spec["weight_scaling"],
+                                           WEIGHT_SCALING))
+  if spec.get("weight_scaling_forward", "dense") not in ("dense", "masked"):
+    raise ValueError(names.unknown_message("optimizer.weight_scaling_forward",
+                                           spec["weight_scaling_forward"], ("dense", "masked")))
   total = int(spec.get("total_steps", 0))
   return adams_cast(
       lr, b1=spec["b1"], b2=spec["b2"], eps=spec["eps"], weight_decay=spec["weight_decay"],
@@ -162,5 +175,8 @@ REGISTRY = {
         "ramp_fraction": 0.25, "n": 2, "m": 4,
         "targets": nm_mask.DEFAULT_TARGETS, "mask_every": 10, "decay_kind": "l1",
         "decay_in_second_moment": True, "prox_clip": True, "final_projection": True,
-        "decay_mask": "matrices"}),
+        "decay_mask": "matrices",
+        # CAST Weight Scaling (jaxft.optimizers.weight_scale): none | learned | norm_ratio,
+        # and the training forward s*W (dense) or s*(M*W) (masked).
+        "weight_scaling": "none", "weight_scaling_forward": "dense"}),
 }

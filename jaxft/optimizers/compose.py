@@ -7,6 +7,16 @@ Wrappers apply in the listed order, the first innermost (closest to the base
 optimizer, after global-norm clipping). Their hyper-parameters live in
 `optimizer.wrapper_args` (`ARGS`); step counts given as fractions (`prune_start`,
 `prune_end`, `dense_from`) are fractions of the run's total steps.
+
+Adapter transforms (the contract): an adapter module may define
+`optimizer_transform(spec, schedule) -> optax.GradientTransformation`, a transform
+of the final updates that sees the params (e.g. CoDyRA's ℓ1 prox:
+u -> prox(p + u) − p with threshold λ·η_t). `adapter_transform` returns it (or
+None). The train step (`jaxft.train`, `Task.post_update`) applies it after the
+optimizer and its wrappers, on every update, with `step=` the number of updates
+already applied (so η_t = schedule(step) is the learning rate of that update);
+its state is not kept between steps, so it must depend only on (updates, params,
+step). `with_adapter` chains it instead, for use outside the train step.
 """
 from __future__ import annotations
 
@@ -79,3 +89,17 @@ def wrap(tx: optax.GradientTransformation, spec: Mapping[str, Any],
   for name in wrapper_names(spec.get("wrappers", ())):
     tx = names.lookup(WRAPPERS, name, "optimizer wrapper")(tx, args, total_steps)
   return tx
+
+
+def adapter_transform(adapter, adapter_spec: Mapping[str, Any],
+                      schedule) -> optax.GradientTransformation | None:
+  """`adapter.optimizer_transform(spec, schedule)` when the adapter defines one, else None."""
+  fn = getattr(adapter, "optimizer_transform", None)
+  return None if fn is None else fn(adapter_spec, schedule)
+
+
+def with_adapter(tx: optax.GradientTransformation, adapter, adapter_spec: Mapping[str, Any],
+                 schedule) -> optax.GradientTransformation:
+  """`tx` followed by the adapter's transform (its own count gives eta_t); `tx` if none."""
+  extra = adapter_transform(adapter, adapter_spec, schedule)
+  return tx if extra is None else optax.chain(tx, extra)
