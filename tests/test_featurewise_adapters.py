@@ -242,7 +242,7 @@ def test_prefix_reparameterisation_is_the_two_layer_mlp(params):
 # ------------------------------------------------------------------ real runs (slow)
 
 PART2 = ["ssf", "ia3", "series_adapter", "parallel_adapter", "compacter", "prompt_tuning",
-         "prefix_tuning", "loca", "fourierft", "said", "monarch"]
+         "prefix_tuning", "loca", "fourierft", "said", "monarch", "ept", "polyhistor", "levi"]
 SMOLLM2_CONFIG = '''
 import ml_collections
 from jaxft_configs import smollm2_lora_math
