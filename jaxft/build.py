@@ -14,7 +14,7 @@ import jax
 import ml_collections
 
 from jaxft import adapters, checkpoint, data, models, names, objectives, optimizers
-from jaxft import sharding, train
+from jaxft import extras, sharding, train
 
 
 def section(cfg: ml_collections.ConfigDict, key: str) -> dict[str, Any]:
@@ -102,7 +102,7 @@ def build_task(cfg, model: Model):
   task = train.Task(apply, adapter, section(cfg, "adapter"), objective.loss_fn,
                     section(cfg, "objective"))
   # + the dense KD teacher, CAST weight scaling, the adapter's optimizer transform (CoDyRA).
-  return train.with_extras(task, cfg)
+  return extras.with_extras(task, cfg)
 
 
 def needs_calibration(task: train.Task) -> int:

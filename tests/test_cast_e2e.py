@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxft import adapters, build, config, optimizers, runner, sharding, train
+from jaxft import adapters, build, config, extras, optimizers, runner, sharding
 from jaxft.optimizers import nm_mask
 
 
@@ -36,16 +36,16 @@ def test_tiny_cast_run_distills_scales_and_exports_exact_2_4(tmp_path):
   tx, _ = optimizers.build(build.section(cfg, "optimizer"), cfg.steps)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   state0, _, _ = build.init_sharded_state(cfg, model, task, tx, mesh)
-  teacher, init = state.frozen[train.TEACHER], state0.trainable
+  teacher, init = state.frozen[extras.TEACHER], state0.trainable
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-               teacher, {k: v for k, v in init.items() if k != train.SCALES})
+               teacher, {k: v for k, v in init.items() if k != extras.SCALES})
   assert adapters.count_params(teacher) == adapters.count_params(model.module.init(
       jax.random.PRNGKey(0), model.cfg))
   assert not np.array_equal(state.trainable["layers"]["mlp"]["up"]["kernel"],
                             teacher["layers"]["mlp"]["up"]["kernel"])
 
   # AdamS's last update landed the trained kernels exactly on 2:4; the scales learned.
-  _, weights, scales = train.Extended.split(state.frozen, state.trainable)
+  _, weights, scales = extras.Extended.split(state.frozen, state.trainable)
   report = nm_mask.assert_nm(weights)
   assert len(report) == 7 and all(r["zero_fraction"] == 0.5 for r in report.values())
   log_s = np.asarray(scales["layers"]["mlp"]["up"]["scale"])
@@ -53,7 +53,7 @@ def test_tiny_cast_run_distills_scales_and_exports_exact_2_4(tmp_path):
 
   # Export (what `jaxft export --format hf` writes): exactly 2:4, = s * W, teacher dropped.
   _, exported, _, step = build.restore_params(workdir)
-  assert step == 10 and train.TEACHER not in exported.params
+  assert step == 10 and extras.TEACHER not in exported.params
   report = nm_mask.assert_nm(exported.params)
   assert len(report) == 7 and all(r["violations"] == 0 and r["max_nonzeros"] == 2
                                   for r in report.values())

@@ -15,7 +15,7 @@ The teacher's logits arrive precomputed in `batch["teacher_logits"]` (B, L, V)
 so the objective stays a pure function of the student's logits. With
 `teacher='initial'` (the default) a run supplies them itself: the train step keeps
 a frozen copy of the initial weights (the pretrained model, before any update) in
-`state.frozen['teacher']` and runs it on every batch (`jaxft.train.with_extras`);
+`state.frozen['teacher']` and runs it on every batch (`jaxft.extras.with_extras`);
 `teacher='batch'` expects the data to carry them.
 """
 from __future__ import annotations

@@ -24,7 +24,7 @@ exactly 0). With `final_projection` the last step (`total_steps`) lands the
 weights exactly on their N:M mask, so the final checkpoint is N:M sparse
 (`nm_mask.assert_nm` verifies it). Weight Scaling and the dense self-teacher are
 in `jaxft.optimizers.weight_scale` and `jaxft.objectives.kd`; a run turns them on
-with `optimizer.weight_scaling` and `objective.name='kd'` (`jaxft.train.with_extras`,
+with `optimizer.weight_scaling` and `objective.name='kd'` (`jaxft.extras.with_extras`,
 configs `tiny_cast`, `smollm2_cast`, docs/cast.md).
 """
 from __future__ import annotations
@@ -153,7 +153,7 @@ WEIGHT_SCALING = ("none", "learned", "norm_ratio")
 
 def _adams_cast(lr, spec):
   # Weight Scaling changes the forward, not the update: the train step reads these two
-  # fields (jaxft.train.with_extras); they are checked here so a typo fails at build time.
+  # fields (jaxft.extras.with_extras); they are checked here so a typo fails at build time.
   if spec.get("weight_scaling", "none") not in WEIGHT_SCALING:
     raise ValueError(names.unknown_message("optimizer.weight_scaling", spec["weight_scaling"],
                                            WEIGHT_SCALING))

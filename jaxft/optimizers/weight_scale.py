@@ -14,7 +14,7 @@ is shared by a whole output column, so s > 0 never changes which weights a group
 keeps. At export s folds into W (W <- s * W) and the N:M projection is exact.
 The exact form of s is not fixed by the sources: `scale_mode` is the switch.
 
-In a run (`optimizer.weight_scaling` of `adams_cast`, wired by `jaxft.train.with_extras`):
+In a run (`optimizer.weight_scaling` of `adams_cast`, wired by `jaxft.extras.with_extras`):
 the scales live in `trainable['weight_scale']` as `<linear path>/scale` leaves holding
 log s (shape (..., 1, d_out), init 0, trained by the same optimizer, never N:M
 targeted or weight-decayed: the leaf is named `scale`); the forward of every step
