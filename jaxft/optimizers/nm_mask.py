@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxft_kernels.nm_sparse import reference as kernel_reference
 
 # Linear-layer weights in jaxft models are leaves named `kernel`; embeddings and the
 # head (`embed/embedding`) stay dense.
@@ -38,21 +39,13 @@ def _grouped(w, m: int, axis: int):
   return moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
 
 
-def _ungrouped(g, shape, axis: int):
-  moved_shape = list(np.moveaxis(np.empty(shape, bool), axis, -1).shape)
-  return jnp.moveaxis(g.reshape(moved_shape), -1, axis)
-
-
 def nm_mask(w, n: int = 2, m: int = 4, axis: int = -2):
-  """Boolean mask: True for the top-`n` |w| in each group of `m` along `axis`."""
+  """Boolean mask: True for the top-`n` |w| in each group of `m` along `axis` (the
+  kernels' `nm_mask`, applied to `w` with `axis` moved first and the rest flattened)."""
   _check(w.shape, n, m, axis)
-  mag = jnp.abs(_grouped(w, m, axis)).astype(jnp.float32)           # (..., G, m)
-  # rank_i = #{j : |w_j| > |w_i|, or equal and j < i}: m^2 compares, no sort (m is small).
-  mine, other = mag[..., :, None], mag[..., None, :]
-  earlier = jnp.tril(jnp.ones((m, m), bool), -1).reshape((1,) * (mag.ndim - 1) + (m, m))
-  beats = (other > mine) | ((other == mine) & earlier)
-  rank = jnp.sum(beats, axis=-1)
-  return _ungrouped(rank < n, w.shape, axis)
+  moved = jnp.moveaxis(w, axis, 0)
+  keep = kernel_reference.nm_mask(moved.reshape(moved.shape[0], -1), n, m)
+  return jnp.moveaxis(keep.reshape(moved.shape), 0, axis)
 
 
 def path_str(path) -> str:

@@ -43,8 +43,12 @@ def _groups(w, m):
 
 
 def nm_mask(w, n: int = 2, m: int = 4):
-  """Boolean mask of w's shape keeping the n largest |w| of every m consecutive inputs."""
-  n, m = check_nm(n, m)
+  """Boolean mask of w's shape keeping the n largest |w| of every m consecutive inputs
+  (ties: the earlier entry wins, so exactly n per group). The one N:M mask of jaxft:
+  `jaxft.optimizers.nm_mask` (CAST) calls it for any axis."""
+  n, m = int(n), int(m)
+  if not 0 < n <= m:
+    raise ValueError(f"N:M sparsity needs 0 < n <= m, got n={n}, m={m}")
   wg = jnp.abs(_groups(w, m).astype(jnp.float32))            # (G, m, N)
   pos = jnp.arange(m)
   bigger = wg[:, None, :, :] > wg[:, :, None, :]              # [g, i, j, col]: |w_j| > |w_i|
