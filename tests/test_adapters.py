@@ -7,6 +7,7 @@ import pytest
 from jaxft import adapters
 from jaxft.adapters import base
 from jaxft.models import DecoderConfig, decoder
+from adapter_testlib import perturb
 
 CFG = DecoderConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
                     d_ff=48)
@@ -20,13 +21,6 @@ def spec(name, **kw):
 def logits(adapter, frozen, trainable, s, rng=None):
   params = adapter.combine(frozen, trainable, s)
   return decoder.apply(params, TOKENS, CFG, linear=adapter.linear_hook(s), rng=rng)
-
-
-def perturb(tree, key, scale=0.05):
-  leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(
-      treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
 
 
 def closed_form_count(name, params, s):

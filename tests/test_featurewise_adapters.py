@@ -9,6 +9,7 @@ import pytest
 from jaxft import adapters
 from jaxft.adapters import base, bottleneck, compacter, prompt
 from jaxft.models import DecoderConfig, decoder
+from adapter_testlib import perturb
 
 CFG = DecoderConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
                     d_ff=48)
@@ -38,13 +39,6 @@ def run(adapter, frozen, trainable, s):
   fn = lambda f, t: decoder.apply(adapter.combine(f, t, s), TOKENS, CFG,
                                   linear=adapter.linear_hook(s))
   return jax.jit(fn)(frozen, trainable)
-
-
-def perturb(tree, key, scale=0.05):
-  leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype)
-                                      for x, k in zip(leaves, keys)])
 
 
 # name, overrides, identity at init, closed-form trainable count

@@ -5,7 +5,6 @@ promises it), merge == unmerged logits after the factors move, trainable count =
 closed form, a few Adam steps lower the loss, and a 2x2x2 mesh of 8 fake devices
 gives the single-device loss.
 """
-import math
 import os
 
 import jax
@@ -17,6 +16,7 @@ import pytest
 from jaxft import adapters, objectives, sharding, train
 from jaxft.adapters import base, lowrank
 from jaxft.models import DecoderConfig, decoder
+from adapter_testlib import perturb
 
 CFG = DecoderConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
                     d_ff=48)
@@ -67,13 +67,6 @@ def logits(adapter, frozen, trainable, s, tokens=TOKENS):
 
 def plain(params, tokens=TOKENS):
   return jax.jit(lambda p: decoder.apply(p, tokens, CFG))(params)
-
-
-def perturb(tree, key, scale=0.05):
-  leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype)
-                                      for x, k in zip(leaves, keys)])
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from jaxft import adapters, objectives, train
 from jaxft.adapters import base, calibrate, compeft, freezing, grafting, hft, light_peft, selection
 from jaxft.adapters import sparse_delta as sd
 from jaxft.models import DecoderConfig, decoder
+from adapter_testlib import perturb
 
 CFG = DecoderConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8,
                     d_ff=48)
@@ -50,13 +51,6 @@ def spec(name, **kw):
 def logits_fn(adapter, s):
   return jax.jit(lambda f, t: _apply(adapter.combine(f, t, s), TOKENS,
                                      linear=adapter.linear_hook(s)))
-
-
-def perturb(tree, key, scale=0.05):
-  leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype)
-                                      for x, k in zip(leaves, keys)])
 
 
 def _loss(adapter, s):
