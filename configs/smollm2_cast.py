@@ -19,32 +19,21 @@ Data: reasoning-gym arithmetic as in `smollm2_lora_math`, accuracy before/after.
 Hardware: 2 CPU cores (slow: a full fine-tune plus a teacher forward per step); see
 docs/cast.md for the measured run. ARG sets the number of training steps (default 200).
 """
-import json
+import ml_collections
 
-from jaxft_configs import common
 from jaxft_configs import smollm2_lora_math
 
 
 def get_config(arg=None):
-  c = common.base_config()
+  c = smollm2_lora_math.get_config()   # same model, data, batch, evaluation
   c.steps = int(arg) if arg else 200
-  c.batch_size = 4
-  c.seq_len = 128
-  c.log_every = 10
   c.eval_every = c.steps
-  c.eval_batches = 4
-  c.eval_examples = 100
-  c.eval_max_new_tokens = 16
   c.checkpoint_every = 100
-  c.model.pretrained = "smollm2-135m-instruct"
-  c.adapter.update(name="full")
+  c.adapter = ml_collections.ConfigDict({"name": "full"})
   c.objective.update(name="kd", ce_weight=0.33, kd_weight=0.67, temperature=1.0,
                      teacher="initial")
   c.optimizer.update(name="adams_cast", lr=5e-5, warmup_steps=10, schedule="cosine",
                      b1=0.9, b2=0.95, weight_decay=0.1, clip_norm=1.0, lam=1e-4,
                      ramp_fraction=0.25, n=2, m=4, mask_every=10,
                      weight_scaling="learned", weight_scaling_forward="dense")
-  c.data.update(name="reasoning_gym", generator="basic_arithmetic",
-                generator_kwargs=json.dumps(smollm2_lora_math.GENERATOR), train_size=2000,
-                eval_size=200, chat_template=True)
   return c
