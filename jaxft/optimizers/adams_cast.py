@@ -152,6 +152,7 @@ WEIGHT_SCALING = ("none", "learned", "norm_ratio")
 
 
 def _adams_cast(lr, spec):
+  """CAST's sparsity-aware AdamS: Adam + adaptive L1 decay on the weights an N:M mask prunes."""
   # Weight Scaling changes the forward, not the update: the train step reads these two
   # fields (jaxft.extras.with_extras); they are checked here so a typo fails at build time.
   if spec.get("weight_scaling", "none") not in WEIGHT_SCALING:

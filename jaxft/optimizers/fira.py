@@ -125,6 +125,7 @@ def galore(learning_rate, rank: int = 64, update_proj_gap: int = 200, alpha: flo
 
 
 def _fira(lr, spec):
+  """Fira: GaLore's low-rank Adam plus the norm-scaled full-rank residual and the norm-growth limiter."""
   return fira(lr, rank=spec["rank"], update_proj_gap=spec["update_proj_gap"],
               alpha=spec["alpha"], b1=spec["b1"], b2=spec["b2"], eps=spec["eps"],
               weight_decay=spec["weight_decay"], limiter=spec["limiter"], gamma=spec["gamma"],
@@ -132,6 +133,7 @@ def _fira(lr, spec):
 
 
 def _galore(lr, spec):
+  """GaLore: Adam on gradients projected onto a periodically refreshed rank-r SVD subspace."""
   return galore(lr, rank=spec["rank"], update_proj_gap=spec["update_proj_gap"],
                 alpha=spec["alpha"], b1=spec["b1"], b2=spec["b2"], eps=spec["eps"],
                 weight_decay=spec["weight_decay"], mask=core.decay_mask(spec))

@@ -32,6 +32,7 @@ def lion(learning_rate, b1: float = 0.9, b2: float = 0.99, weight_decay: float =
 
 
 def _lion(lr, spec):
+  """Lion: sign(b1 m + (1 - b1) g) update, momentum b2, decoupled weight decay."""
   return lion(lr, b1=spec["b1"], b2=spec["b2"], weight_decay=spec["weight_decay"],
               mu_dtype=core.dtype_or_none(spec["mu_dtype"]), mask=core.decay_mask(spec))
 

@@ -78,11 +78,13 @@ def signsgd(learning_rate, weight_decay: float = 0.0, mask=None) -> optax.Gradie
 
 
 def _signum(lr, spec):
+  """Signum: signSGD with momentum, update sign(m), m = b1 m + (1 - b1) g."""
   return signum(lr, b1=spec["b1"], weight_decay=spec["weight_decay"],
                 mu_dtype=core.dtype_or_none(spec["mu_dtype"]), mask=core.decay_mask(spec))
 
 
 def _signsgd(lr, spec):
+  """signSGD: update sign(g), no state."""
   return signsgd(lr, weight_decay=spec["weight_decay"], mask=core.decay_mask(spec))
 
 

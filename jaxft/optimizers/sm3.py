@@ -101,6 +101,7 @@ def sm3(learning_rate, b1: float = 0.9, b2: float = 1.0, eps: float = 1e-8,
 
 
 def _sm3(lr, spec):
+  """SM3: memory-efficient adaptive second moments from per-row/column maxima (cover sets)."""
   return sm3(lr, b1=spec["b1"], b2=spec["b2"], eps=spec["eps"],
              weight_decay=spec["weight_decay"], mask=core.decay_mask(spec))
 
