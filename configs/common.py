@@ -24,6 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.compute_dtype = "float32"   # or 'bfloat16' (activations, matmuls)
   c.param_dtype = "float32"     # master weights; optimizer state follows them
+  c.frozen_dtype = ""           # the adapter's frozen weights ('' = param_dtype; 'bfloat16' halves a LoRA base)
 
   c.model = ml_collections.ConfigDict({"name": "decoder"})
   c.adapter = ml_collections.ConfigDict({"name": "full"})

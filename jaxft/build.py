@@ -155,7 +155,8 @@ def init_sharded_state(cfg, model: Model, task: train.Task, tx, mesh, *, train_r
     calib = None if batches is None else calibrate.Calibration(
         task.apply, task.objective, task.objective_spec, batches)
     return train.init_state(key, init_params, task.adapter, task.adapter_spec, tx,
-                            param_dtype=cfg.param_dtype, calib=calib)
+                            param_dtype=cfg.param_dtype, calib=calib,
+                            frozen_dtype=cfg.get("frozen_dtype", ""))
 
   key = jax.random.PRNGKey(cfg.seed)
   batches = calibration_batches(cfg, model, task, mesh, train_rows)

@@ -214,3 +214,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   for key in ("compute_dtype", "param_dtype"):
     if key in cfg and cfg[key] not in ("float32", "bfloat16"):
       raise ConfigError(f"config key {key!r} must be 'float32' or 'bfloat16', got {cfg[key]!r}")
+  if cfg.get("frozen_dtype", "") not in ("", "float32", "bfloat16"):
+    raise ConfigError("config key 'frozen_dtype' must be '' (= param_dtype), 'float32' or "
+                      f"'bfloat16', got {cfg.frozen_dtype!r}")

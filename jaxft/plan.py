@@ -92,7 +92,8 @@ def abstract_state(cfg, model: build.Model, task: train.Task, tx, mesh):
   def init_fn(key):
     kw = {"calib": calib} if calib is not None else {}
     return train.init_state(key, lambda k: model.module.init(k, mcfg), task.adapter,
-                            task.adapter_spec, tx, param_dtype=cfg.param_dtype, **kw)
+                            task.adapter_spec, tx, param_dtype=cfg.param_dtype,
+                            frozen_dtype=cfg.get("frozen_dtype", ""), **kw)
 
   abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(cfg.seed))
   if n_layers == 0:  # probe: the 1-layer shapes with an empty layer axis

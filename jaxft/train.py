@@ -225,13 +225,17 @@ def make_eval_step(task: Task, *, compute_dtype: str = "float32"):
 
 
 def init_state(key, init_params: Callable, adapter, adapter_spec, tx, *, param_dtype="float32",
-               calib=None):
+               calib=None, frozen_dtype: str = ""):
   """Builds a TrainState from a params initialiser (pure: jit it with out_shardings).
 
   `calib` is passed to the adapter's `init` (data-driven initialisers: EVA, CorDA,
-  LoRA-GA, ...); None for the others.
+  LoRA-GA, ...); None for the others. `frozen_dtype` ('' = `param_dtype`) stores the
+  adapter's frozen floating leaves in that dtype after `init` (e.g. a LoRA base in
+  bfloat16 with float32 adapters: half the memory, no per-step cast in a bf16 step).
   """
   k_model, k_adapter, k_rng = jax.random.split(key, 3)
   params = cast_floating(init_params(k_model), DTYPES[param_dtype])
   frozen, trainable = adapter.init(k_adapter, params, adapter_spec, calib)
+  if frozen_dtype:
+    frozen = cast_floating(frozen, DTYPES[frozen_dtype])
   return TrainState(jnp.zeros((), jnp.int32), frozen, trainable, tx.init(trainable), k_rng)

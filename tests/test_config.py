@@ -44,6 +44,9 @@ def test_wrong_value_type_names_key_and_type():
     config_lib.load("tiny", ["steps=abc"])
   with pytest.raises(config_lib.ConfigError, match=r"'model.qk_norm' expects a bool"):
     config_lib.load("tiny", ["model.qk_norm=maybe"])
+  with pytest.raises(config_lib.ConfigError, match=r"'frozen_dtype' must be.*'bfloat16', got 'fp8'"):
+    config_lib.load("tiny", ["frozen_dtype=fp8"])
+  assert config_lib.load("tiny", ["frozen_dtype=bfloat16"]).frozen_dtype == "bfloat16"
 
 
 def test_field_of_another_member_is_rejected():

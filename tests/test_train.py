@@ -104,6 +104,26 @@ def test_bf16_compute_keeps_fp32_master_and_optimizer_state():
   assert float(m16["loss"]) != float(m32["loss"])  # bf16 really was used
 
 
+def test_bf16_frozen_base_gives_the_same_bf16_step_with_f32_adapters():
+  """frozen_dtype='bfloat16' stores the base as the bf16 step would cast it: same loss and
+  update bit for bit; the adapter and its optimizer state stay float32."""
+  task, tx = make_task("lora", rank=2, dropout=0.0), optax.adam(1e-3)
+  batch = make_batch(jax.random.PRNGKey(6))
+  step = jax.jit(train.make_train_step(task, tx, compute_dtype="bfloat16"))
+  out = {}
+  for frozen_dtype in ("", "bfloat16"):
+    state = train.init_state(jax.random.PRNGKey(0), lambda k: decoder.init(k, CFG), task.adapter,
+                             task.adapter_spec, tx, frozen_dtype=frozen_dtype)
+    out[frozen_dtype] = (state, *step(state, batch))
+  (s32, new32, m32), (s16, new16, m16) = out[""], out["bfloat16"]
+  assert {x.dtype for x in jax.tree.leaves(s32.frozen)} == {jnp.dtype(jnp.float32)}
+  assert {x.dtype for x in jax.tree.leaves(s16.frozen)} == {jnp.dtype(jnp.bfloat16)}
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new16.trainable))
+  assert float(m16["loss"]) == float(m32["loss"])
+  for a, b in zip(jax.tree.leaves(new16.trainable), jax.tree.leaves(new32.trainable)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_lora_optimizer_sees_only_adapter_params():
   task, tx = make_task("lora", rank=2), optax.adam(1e-3)
   state = init(task, tx)
