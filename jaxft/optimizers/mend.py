@@ -19,17 +19,24 @@ on unrelated inputs; only the editor (U, b, V, s, o, alpha) is trained.
 
 This is a learned transform with its own parameters, not an optax
 `GradientTransformation` of the train step, so it is not in the optimizer
-registry: use `jaxft.optimizers.mend` directly (docs/mend.md). The model here is
-a small residual tanh LM whose edited linears take an additive probe (the tap:
-d loss / d probe = delta); hooking `jaxft.models.decoder` is future work.
+registry: use `jaxft.optimizers.mend` directly (docs/mend.md). Two edited
+models: a small residual tanh LM (`lm_init` / `lm_apply`, whose edited linears
+take an additive probe: d loss / d probe = delta), and `jaxft.models.decoder`
+(`decoder_decompose` / `decoder_edit` / `decoder_meta_loss`), whose stacked
+kernel `layers/<linear>` is tapped through the decoder's `linear` hook.
 """
 from __future__ import annotations
 
 from typing import Any
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
+
+from jaxft.models import decoder as decoder_lib
+from jaxft.models import layers as layers_lib
 
 
 # ------------------------------------------------------------------ the edited model
@@ -78,7 +85,7 @@ def editor_init(key, d_in: int, d_out: int, layers: int, rank: int = 8, lr: floa
   dz = d_in + d_out
   return {"U": jax.random.normal(key, (dz, rank)) / dz ** 0.5, "b": jnp.zeros((rank,)),
           "V": jnp.zeros((rank, dz)), "scale": jnp.ones((layers, dz)),
-          "shift": jnp.zeros((layers, dz)), "lr": jnp.full((layers,), lr)}
+          "shift": jnp.zeros((layers, dz)), "lr": jnp.full((layers,), lr, jnp.float32)}
 
 
 def editor_apply(editor, layer: int, x_Nxi, delta_Nxo):
@@ -101,30 +108,172 @@ def edit(params, editor, example):
 
 # ------------------------------------------------------------------ meta-training
 
-def kl_locality(base_params, edited_params, tokens_BxL):
-  """Mean over positions of KL(p_base || p_edited)."""
-  lp = jax.nn.log_softmax(lm_apply(base_params, tokens_BxL)[0])
-  lq = jax.nn.log_softmax(lm_apply(edited_params, tokens_BxL)[0])
+def _lm_logits(params, tokens_BxL):
+  return lm_apply(params, tokens_BxL)[0]
+
+
+def kl_locality(base_params, edited_params, tokens_BxL, logits_fn=_lm_logits):
+  """Mean over positions of KL(p_base || p_edited); `logits_fn(params, tokens)` is the model."""
+  lp = jax.nn.log_softmax(logits_fn(base_params, tokens_BxL).astype(jnp.float32))
+  lq = jax.nn.log_softmax(logits_fn(edited_params, tokens_BxL).astype(jnp.float32))
   return jnp.mean(jnp.sum(jnp.exp(lp) * (lp - lq), -1))
 
 
-def meta_loss(editor, params, example, unrelated_tokens, c_edit: float = 0.1):
-  """(c_edit * L_edit + L_loc, (L_edit, L_loc)) for one edit (paper Eq. 4)."""
-  edited = edit(params, editor, example)
-  l_edit = nll(lm_apply(edited, example["tokens"])[0], example["targets"], example["loss_mask"])
-  l_loc = kl_locality(params, edited, unrelated_tokens)
+def meta_loss(editor, params, example, unrelated_tokens, c_edit: float = 0.1, *,
+              logits_fn=_lm_logits, edit_fn=edit):
+  """(c_edit * L_edit + L_loc, (L_edit, L_loc)) for one edit (paper Eq. 4).
+
+  `logits_fn(params, tokens)` and `edit_fn(params, editor, example)` default to the
+  tiny LM; `decoder_meta_loss` passes the decoder's.
+  """
+  edited = edit_fn(params, editor, example)
+  l_edit = nll(logits_fn(edited, example["tokens"]), example["targets"], example["loss_mask"])
+  l_loc = kl_locality(params, edited, unrelated_tokens, logits_fn)
   return c_edit * l_edit + l_loc, (l_edit, l_loc)
 
 
 def meta_train_step(editor, opt_state, tx: optax.GradientTransformation, params, examples,
-                    unrelated_tokens, c_edit: float = 0.1):
+                    unrelated_tokens, c_edit: float = 0.1, *, loss_fn=meta_loss):
   """One optimizer step on the editor, averaging the meta-loss over a batch of edits.
 
-  `examples` holds a leading edit axis on every leaf (vmapped).
+  `examples` holds a leading edit axis on every leaf (vmapped). `loss_fn(editor,
+  params, example, unrelated_tokens, c_edit)` is `meta_loss` (tiny LM) by default.
   """
   def batch_loss(ed):
-    losses, aux = jax.vmap(lambda ex: meta_loss(ed, params, ex, unrelated_tokens, c_edit))(examples)
+    losses, aux = jax.vmap(lambda ex: loss_fn(ed, params, ex, unrelated_tokens, c_edit))(examples)
     return jnp.mean(losses), jax.tree.map(jnp.mean, aux)
   (loss, aux), grads = jax.value_and_grad(batch_loss, has_aux=True)(editor)
   updates, opt_state = tx.update(grads, opt_state, editor)
   return optax.apply_updates(editor, updates), opt_state, (loss, *aux)
+
+
+# ------------------------------------------------------------------ jaxft.models.decoder
+
+DELTA_PROBE, X_PROBE = "mend_delta", "mend_x"
+
+
+@jax.custom_vjp
+def _tap_input(y, x, probe):
+  """Returns y unchanged; the cotangent of `probe` is x itself (whatever y's cotangent).
+
+  Not a linear map's transpose: it only serves `decoder_decompose`'s one `jax.grad`,
+  which thereby reads the target linear's per-layer input out of the scan.
+  """
+  del x, probe
+  return y
+
+
+def _tap_fwd(y, x, probe):
+  del probe
+  return y, x
+
+
+def _tap_bwd(x, g):
+  return g, jnp.zeros_like(x), x
+
+
+_tap_input.defvjp(_tap_fwd, _tap_bwd)
+
+
+def probe_linear(p, x, name, rng):
+  """`layers.dense`, plus, where the linear's dict holds the MEND probes, the taps:
+
+  y = x W (+ b) + p['mend_delta'] (so d loss / d mend_delta = delta), and the
+  cotangent of p['mend_x'] is x. Linears without probes are exactly `layers.dense`.
+  """
+  y = layers_lib.dense(p, x, name, rng)
+  if DELTA_PROBE not in p:
+    return y
+  y = y + p[DELTA_PROBE].astype(y.dtype)
+  return _tap_input(y, x, p[X_PROBE])
+
+
+def _target_path(params, target: str) -> tuple[str, ...]:
+  keys = tuple(target.split("/"))
+  if len(keys) != 3 or keys[0] != "layers" or "/".join(keys[1:]) not in layers_lib.LINEAR_INDEX:
+    raise ValueError(f"mend target={target!r} must name a layer linear: "
+                     + ", ".join("layers/" + n for n in layers_lib.LINEAR_INDEX))
+  node = params
+  for k in keys:
+    if k not in node:
+      raise ValueError(f"mend target={target!r}: the params have no {k!r} "
+                       "(e.g. 'layers/mlp/gate' needs a gated MLP)")
+    node = node[k]
+  return keys
+
+
+def _get(tree, keys):
+  for k in keys:
+    tree = tree[k]
+  return tree
+
+
+def _set(tree, keys, value):
+  if not keys:
+    return value
+  return {**tree, keys[0]: _set(tree[keys[0]], keys[1:], value)}
+
+
+def _decoder_logits(cfg, params, tokens_BxT, linear=layers_lib.dense):
+  return decoder_lib.apply(params, tokens_BxT, cfg, linear=linear)
+
+
+def decoder_decompose(params, cfg, example, target: str = "layers/mlp/down"):
+  """Per-layer rank-1 factors of the gradient of the example's masked NLL w.r.t.
+  the decoder's stacked kernel `target` (L, d_in, d_out).
+
+  Returns (x (L, N, d_in), delta (L, N, d_out)), N = B*T tokens, with
+  einsum('lni,lno->lio', x, delta) == jax.grad(nll)(kernel). One `jax.grad` over
+  two zero probes in the target linear's dict (scanned with the layers): an
+  additive one on its output (gradient = delta) and a `_tap_input` one
+  (gradient = the linear's input x). Masked positions have delta = 0.
+  """
+  keys = _target_path(params, target)
+  lin = _get(params, keys)
+  n_layers, d_in, d_out = lin["kernel"].shape
+  tokens, targets, mask = example["tokens"], example["targets"], example["loss_mask"]
+  b, t = tokens.shape
+  dtype = lin["kernel"].dtype
+  probes = {DELTA_PROBE: jnp.zeros((n_layers, b, t, d_out), dtype),
+            X_PROBE: jnp.zeros((n_layers, b, t, d_in), dtype)}
+
+  def loss(pr):
+    p = _set(params, keys, {**lin, **pr})
+    logits = _decoder_logits(cfg, p, tokens, linear=probe_linear)
+    return nll(logits, targets, mask)
+
+  g = jax.grad(loss)(probes)
+  x = g[X_PROBE].reshape(n_layers, b * t, d_in)
+  delta = g[DELTA_PROBE].reshape(n_layers, b * t, d_out)
+  return jax.lax.stop_gradient(x), jax.lax.stop_gradient(delta)
+
+
+def decoder_edit(params, cfg, editor, example, target: str = "layers/mlp/down"):
+  """params with the stacked kernel `target` edited per layer:
+  W_l <- W_l - alpha_l sum_t x~_t^T delta~_t (editor from `editor_init(key, d_in,
+  d_out, layers=L)`; one editor for the stack, per-layer s, o, alpha)."""
+  keys = _target_path(params, target)
+  lin = _get(params, keys)
+  x, delta = decoder_decompose(params, cfg, example, target)
+  xt, dt = jax.vmap(lambda l, a, b: editor_apply(editor, l, a, b))(
+      jnp.arange(x.shape[0]), x, delta)
+  step = jnp.einsum("lni,lno->lio", xt, dt) * editor["lr"][:, None, None]
+  kernel = (lin["kernel"] - step.astype(lin["kernel"].dtype))
+  return _set(params, keys, {**lin, "kernel": kernel})
+
+
+def decoder_meta_loss(editor, params, cfg, example, unrelated_tokens, c_edit: float = 0.1,
+                      target: str = "layers/mlp/down"):
+  """`meta_loss` (c_edit * edit NLL + locality KL) with the decoder as the edited model."""
+  return meta_loss(editor, params, example, unrelated_tokens, c_edit,
+                   logits_fn=functools.partial(_decoder_logits, cfg),
+                   edit_fn=lambda p, ed, ex: decoder_edit(p, cfg, ed, ex, target))
+
+
+def decoder_meta_train_step(editor, opt_state, tx: optax.GradientTransformation, params, cfg,
+                            examples, unrelated_tokens, c_edit: float = 0.1,
+                            target: str = "layers/mlp/down"):
+  """`meta_train_step` over a batch of decoder edits (leading edit axis on `examples`)."""
+  loss_fn = lambda ed, p, ex, un, c: decoder_meta_loss(ed, p, cfg, ex, un, c, target)
+  return meta_train_step(editor, opt_state, tx, params, examples, unrelated_tokens, c_edit,
+                         loss_fn=loss_fn)
