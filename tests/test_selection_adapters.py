@@ -174,13 +174,7 @@ def _flags(frozen):
 
 def _train(adapter, s, frozen, trainable, steps=3):
   tx = optax.adamw(1e-2, weight_decay=0.1)
-  opt = tx.init(trainable)
-  grad = jax.jit(jax.grad(_loss(adapter, s)))
-  for _ in range(steps):
-    g = grad(trainable, frozen)
-    upd, opt = tx.update(g, opt, trainable)
-    trainable = optax.apply_updates(trainable, upd)
-  return trainable, opt, g, tx
+  return _train_from(adapter, s, frozen, trainable, tx.init(trainable), tx, steps)
 
 
 def _assert_frozen_exactly_still(frozen, trainable, grads):

@@ -12,14 +12,10 @@ import json
 import os
 import platform
 
-import jax
-import numpy as np
 import torch
 
 import bench_smollm2_peft as peer  # pylint: disable=import-error
-from jaxft import build, optimizers, sharding
-from jaxft.models import pretrained
-import transformers
+from jaxft import build, optimizers
 
 
 def main():
@@ -37,17 +33,7 @@ def main():
   with c16b.unlocked():
     c16b.frozen_dtype = "bfloat16"
   model = build.load_model(c32)
-  path = pretrained.gguf_path(peer.NAME)
-  hf = transformers.AutoModelForCausalLM.from_pretrained(
-      str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-  b, l, v = c32.batch_size, c32.seq_len, model.cfg.vocab_size
-  rows = np.random.default_rng(0).integers(0, v, (b, l + 1), dtype=np.int32)
-  host = {"tokens": rows[:, :-1], "targets": rows[:, 1:], "segment_ids": np.ones((b, l), np.int32),
-          "positions": np.tile(np.arange(l, dtype=np.int32), (b, 1)),
-          "loss_mask": np.ones((b, l), np.float32)}
-  mesh = sharding.make_mesh(c32.mesh)
-  batch = jax.device_put(host, sharding.batch_sharding(mesh))
-  tokens, targets = (torch.from_numpy(host[k].astype(np.int64)) for k in ("tokens", "targets"))
+  hf, _, mesh, batch, tokens, targets = peer.shared_setup(c32, model)
   _, sched = optimizers.build(build.section(c32, "optimizer"), c32.steps)
   lrs = [float(sched(i)) for i in range(c32.steps + 1)]
   arm = lambda c: lambda: peer.jax_arm(c, model, batch, mesh)

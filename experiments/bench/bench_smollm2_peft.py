@@ -110,6 +110,23 @@ def torch_arm(base, cfg, lrs, tokens, targets, lora, bf16):
   return step
 
 
+def shared_setup(cfg, model):
+  """What every arm shares: the HF model on the same GGUF, one random batch (host numpy, jax
+  on the config's mesh, torch tokens/targets). -> (hf, host, mesh, batch, tokens, targets)."""
+  path = pretrained.gguf_path(NAME)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(
+      str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+  b, l, v = cfg.batch_size, cfg.seq_len, model.cfg.vocab_size
+  rows = np.random.default_rng(0).integers(0, v, (b, l + 1), dtype=np.int32)
+  host = {"tokens": rows[:, :-1], "targets": rows[:, 1:], "segment_ids": np.ones((b, l), np.int32),
+          "positions": np.tile(np.arange(l, dtype=np.int32), (b, 1)),
+          "loss_mask": np.ones((b, l), np.float32)}
+  mesh = sharding.make_mesh(cfg.mesh)
+  batch = jax.device_put(host, sharding.batch_sharding(mesh))
+  tokens, targets = (torch.from_numpy(host[k].astype(np.int64)) for k in ("tokens", "targets"))
+  return hf, host, mesh, batch, tokens, targets
+
+
 def cpu_stat():
   """(steal, total, busy not by this process) jiffies: hypervisor steal and other processes' CPU."""
   f, t = [int(x) for x in open("/proc/stat").readline().split()[1:]], os.times()
@@ -263,17 +280,9 @@ def main():
   t_start, cpu0 = time.perf_counter(), cpu_stat()
   cfg = jax_cfg("lora", "float32")
   model = build.load_model(cfg)  # host fp32 params, shared by every jaxft arm
-  mcfg, path = model.cfg, pretrained.gguf_path(NAME)
-  hf = transformers.AutoModelForCausalLM.from_pretrained(
-      str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-  b, l, v = cfg.batch_size, cfg.seq_len, mcfg.vocab_size
-  rows = np.random.default_rng(0).integers(0, v, (b, l + 1), dtype=np.int32)
-  host = {"tokens": rows[:, :-1], "targets": rows[:, 1:], "segment_ids": np.ones((b, l), np.int32),
-          "positions": np.tile(np.arange(l, dtype=np.int32), (b, 1)),
-          "loss_mask": np.ones((b, l), np.float32)}
-  mesh = sharding.make_mesh(cfg.mesh)
-  batch = jax.device_put(host, sharding.batch_sharding(mesh))
-  tokens, targets = (torch.from_numpy(host[k].astype(np.int64)) for k in ("tokens", "targets"))
+  mcfg = model.cfg
+  b, l = cfg.batch_size, cfg.seq_len
+  hf, host, mesh, batch, tokens, targets = shared_setup(cfg, model)
   with torch.no_grad():
     lt = hf(input_ids=tokens).logits.numpy()
   lj = np.asarray(jax.jit(lambda pr, t: decoder.apply(pr, t, mcfg))(model.params, host["tokens"]))
